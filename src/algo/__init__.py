@@ -1,0 +1,6 @@
+from src.algo.base import Algo, TrainingInterrupted
+from src.algo.centralized import Centralized
+from src.algo.fedavg import FedAvg
+from src.algo.fedbase import FedBase
+
+__all__ = ["Algo", "TrainingInterrupted", "FedBase", "FedAvg", "Centralized"]

@@ -1,0 +1,88 @@
+"""Algo: the interface train.py drives. fit() wraps _fit(): it saves a resume checkpoint whenever
+training stops early (exception, SIGTERM, SIGINT) and the results when it completes."""
+import logging
+import signal
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from src.utils.io import load_torch, save_json, save_torch
+
+log = logging.getLogger(__name__)
+
+RESUME_FILE = "resume.pt"
+RESULTS_FILE = "results.json"
+
+
+class TrainingInterrupted(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class Algo(ABC):
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._stop_signal: int | None = None
+
+    def fit(self) -> dict:
+        handlers = self._install_signal_handlers()
+        try:
+            self._fit()
+        except BaseException:
+            self.save_checkpoint()
+            log.warning("training stopped early; resume checkpoint saved to %s", self.checkpoint_path)
+            raise
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        return self.save_result()
+
+    @abstractmethod
+    def _fit(self) -> None: ...
+
+    @abstractmethod
+    def train_step(self) -> None:
+        """One unit of training (a round for federated algorithms)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Everything that changes during training, as tensors and plain containers."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @abstractmethod
+    def results(self) -> dict: ...
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / RESUME_FILE
+
+    def save_checkpoint(self) -> None:
+        save_torch(self.state_dict(), self.checkpoint_path)
+
+    def load_from_checkpoint(self, path: Path) -> None:
+        self.load_state_dict(load_torch(path))
+
+    def save_result(self) -> dict:
+        results = self.results()
+        save_json(results, self.run_dir / RESULTS_FILE)
+        return results
+
+    # Signals only set a flag; the training loop stops at the next client or round boundary, so
+    # the checkpoint always holds a consistent state. A second SIGINT stops at once.
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self._stop_signal is not None:
+            raise KeyboardInterrupt
+        log.warning("received %s: stopping at the next client boundary", signal.Signals(signum).name)
+        self._stop_signal = signum
+
+    def check_stop(self) -> None:
+        if self._stop_signal is not None:
+            raise TrainingInterrupted(self._stop_signal)

@@ -1,0 +1,15 @@
+"""Centralized: the same trainer, switches and round loop on the union of all client data, for
+measuring the FL-versus-centralized gap. A "round" is the clients' local work (client.local_epochs
+or client.local_steps) done on the whole training set."""
+import torch
+
+from src.algo.fedavg import FedAvg
+from src.client.client import Client
+
+
+class Centralized(FedAvg):
+    def build_clients(self, indices: list[torch.Tensor]) -> list[Client]:
+        return [Client(0, torch.cat(indices), self.setup)]
+
+    def select_clients(self, round_idx: int) -> list[Client]:
+        return self.clients

@@ -1,0 +1,228 @@
+"""FedBase: the round loop shared by federated algorithms. It builds the data partition, the
+clients (index tensors over one on-device dataset), the shared working model and the server;
+subclasses define train_step()."""
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from src.algo.base import Algo
+from src.client.client import Client, ClientUpdate, TrainSetup
+from src.errors import ConfigError, UserError
+from src.utils.io import save_torch
+from src.utils.seeding import INIT, PARTITION, SELECTION, derive_seed, numpy_rng, rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+# Settings that may differ between a checkpoint and the run resuming it: they do not change what
+# the completed rounds computed.
+RESUMABLE_CHANGES = ("num_rounds", "eval_every", "eval_batch_size", "device", "checkpoint", "logger", "resume", "name")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is visible: use device=auto or device=cpu")
+    return torch.device(name)
+
+
+class FedBase(Algo):
+    def __init__(self, cfg: DictConfig, run_dir: Path, server: DictConfig):
+        super().__init__(run_dir)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.num_rounds = cfg.num_rounds
+        self.spec = instantiate(cfg.dataset)
+        self.data = self.spec.load(self.device)
+        torch.manual_seed(derive_seed(cfg.seed, INIT))
+        self.model = instantiate(cfg.model, in_shape=list(self.data.in_shape), num_classes=self.spec.num_classes)
+        self.model.to(self.device)
+        self.setup = TrainSetup(
+            model=self.model,
+            data=self.data.train,
+            loss_fn=instantiate(cfg.loss),
+            optimizer=instantiate(cfg.optimizer),
+            batch_size=cfg.client.batch_size,
+            local_epochs=cfg.client.local_epochs,
+            local_steps=cfg.client.local_steps,
+            amp_dtype=torch.bfloat16 if cfg.client.amp and self.device.type == "cuda" else None,
+            seed=cfg.seed,
+        )
+        self.clients = self.build_clients(self.partition())
+        self.server = instantiate(server)
+        self.server.set_global_state(self.model.state_dict())
+        self.logger = instantiate(cfg.logger)
+        self.round = 0
+        self.history: list[dict] = []
+        self._train_loss = torch.zeros((), device=self.device)
+        self._train_seen = 0
+
+    # ---- building --------------------------------------------------------------------------
+    def partition(self) -> list[torch.Tensor]:
+        """Client index tensors on the device; the per-client class histogram goes to the run dir."""
+        if self.data.natural_clients is not None:
+            clients = self.data.natural_clients
+            log.info("%s is naturally federated: %d clients, partition settings unused",
+                     type(self.spec).__name__, len(clients))
+        else:
+            labels = self.data.train.y.cpu().numpy()
+            try:
+                parts = instantiate(self.cfg.partition).split(
+                    labels, self.cfg.clients.total, self.spec.num_classes, numpy_rng(self.cfg.seed, PARTITION))
+            except ValueError as e:
+                raise ConfigError([f"partition: {e}"]) from None
+            clients = [torch.as_tensor(p, dtype=torch.long, device=self.device) for p in parts]
+        self.save_histogram(clients)
+        return clients
+
+    def save_histogram(self, clients: list[torch.Tensor]) -> None:
+        labels = self.data.train.y
+        rows = [torch.bincount(labels[idx], minlength=self.spec.num_classes).tolist() for idx in clients]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "client_class_histogram.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["client"] + [f"class_{c}" for c in range(self.spec.num_classes)])
+            w.writerows([i] + row for i, row in enumerate(rows))
+
+    def build_clients(self, indices: list[torch.Tensor]) -> list[Client]:
+        return [Client(i, idx, self.setup) for i, idx in enumerate(indices)]
+
+    # ---- one round ---------------------------------------------------------------------------
+    def clients_per_round(self) -> int:
+        c = self.cfg.clients
+        if c.num_per_round is not None:
+            return c.num_per_round
+        return max(1, round(c.per_round * len(self.clients)))
+
+    def select_clients(self, round_idx: int) -> list[Client]:
+        """A draw without replacement from an RNG that depends only on (seed, round)."""
+        rng = numpy_rng(self.cfg.seed, SELECTION, round_idx)
+        chosen = rng.choice(len(self.clients), self.clients_per_round(), replace=False)
+        return [self.clients[i] for i in chosen]
+
+    def client_updates(self, clients: list[Client]):
+        """Train the clients one after another, yielding each update as it is ready."""
+        for client in clients:
+            self.check_stop()
+            client.receive_data(self.server.send_data())
+            client.client_update(self.round)
+            update: ClientUpdate = client.send_data()
+            self._train_loss += update.loss_sum
+            self._train_seen += update.samples_seen
+            yield update
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _fit(self) -> None:
+        self.logger.start(self.run_dir, OmegaConf.to_container(self.cfg, resolve=True))
+        if self.round:
+            log.info("resuming after round %d of %d", self.round, self.num_rounds)
+        while self.round < self.num_rounds:
+            start = time.perf_counter()
+            self._train_loss.zero_()
+            self._train_seen = 0
+            self.train_step()
+            self.round += 1
+            metrics = {"round": self.round, "train_loss": self._train_loss.item() / max(self._train_seen, 1)}
+            if self.round % self.cfg.eval_every == 0 or self.round == self.num_rounds:
+                metrics.update(self.evaluate())
+            metrics["round_time_s"] = time.perf_counter() - start
+            self.record(metrics)
+            if self.round % self.cfg.checkpoint.every == 0 or self.round == self.num_rounds:
+                self.save_checkpoint()
+            self.check_stop()
+        self.logger.finish()
+
+    def record(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.logger.log(metrics, step=self.round)
+        line = f"round {self.round}/{self.num_rounds}  train_loss {metrics['train_loss']:.4f}"
+        if "test_accuracy" in metrics:
+            line += f"  test_loss {metrics['test_loss']:.4f}  test_acc {100 * metrics['test_accuracy']:.2f}%"
+        log.info("%s  (%.2f s)", line, metrics["round_time_s"])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Hard-label cross-entropy and accuracy of the global model on the test set."""
+        self.setup.load(self.server.global_state)
+        self.model.eval()
+        test = self.data.test
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        for x, y in zip(test.x.split(self.cfg.eval_batch_size), test.y.split(self.cfg.eval_batch_size)):
+            logits = self.model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+        loss, acc = (torch.stack([loss_sum, correct]) / len(test)).tolist()
+        return {"test_loss": loss, "test_accuracy": acc}
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "server": self.server.state_dict(),
+            "clients": {str(c.client_id): s for c in self.clients if (s := c.state_dict())},
+            "rng": rng_state(),
+            "history": self.history,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        check_resumable(state["config"], OmegaConf.to_container(self.cfg, resolve=True))
+        self.round = state["round"]
+        self.server.load_state_dict(state["server"])
+        for client in self.clients:
+            client.load_state_dict(state["clients"].get(str(client.client_id), {}))
+        set_rng_state(state["rng"])
+        self.history = list(state["history"])
+        # metrics.jsonl may hold rounds after the checkpoint: rewrite it from the checkpoint
+        with open(self.run_dir / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in self.history)
+
+    def save_checkpoint(self) -> None:
+        super().save_checkpoint()
+        save_torch(self.server.global_state, self.run_dir / "GLOBAL_MODEL.pt")
+        if self.cfg.checkpoint.keep_round_models:
+            save_torch(self.server.global_state, self.run_dir / f"GLOBAL_MODEL_round_{self.round}.pt")
+
+    def results(self) -> dict:
+        save_torch(self.server.global_state, self.run_dir / "FINAL_MODEL.pt")
+        evaluated = [m for m in self.history if "test_accuracy" in m]
+        final = evaluated[-1] if evaluated else {}
+        return {
+            "algo": type(self).__name__,
+            "rounds": self.round,
+            "final_test_accuracy": final.get("test_accuracy"),
+            "final_test_loss": final.get("test_loss"),
+            "best_test_accuracy": max((m["test_accuracy"] for m in evaluated), default=None),
+            "train_time_s": sum(m["round_time_s"] for m in self.history),
+        }
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """A checkpoint continues only the run it came from: compare every setting that shapes training."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    a, b = flat(saved), flat(current)
+    differ = sorted(k for k in a.keys() | b.keys()
+                    if a.get(k) != b.get(k) and k.split(".")[0] not in RESUMABLE_CHANGES)
+    if differ:
+        shown = "; ".join(f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in differ[:10])
+        raise UserError(
+            f"the resume checkpoint was written by a run with other settings ({shown}). "
+            "Start the new settings in a new run directory (hydra.run.dir=...), or restore the old values "
+            "to continue. The checkpoint was left untouched.")

@@ -1,0 +1,3 @@
+from src.data.device_data import DeviceDataset, FederatedData
+
+__all__ = ["DeviceDataset", "FederatedData"]

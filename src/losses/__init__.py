@@ -1,0 +1,15 @@
+"""Training losses selectable from config/loss/. Evaluation always uses hard-label cross-entropy."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CrossEntropy(nn.Module):
+    """Cross-entropy with optional label smoothing (training only)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)

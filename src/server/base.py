@@ -1,0 +1,30 @@
+"""CenterServer: holds the global model state and turns client updates into the next one."""
+from abc import ABC, abstractmethod
+from typing import Iterable
+
+import torch
+
+from src.client.client import ClientUpdate
+
+
+class CenterServer(ABC):
+    def __init__(self):
+        self.global_state: dict[str, torch.Tensor] = {}
+
+    def set_global_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.global_state = {k: v.detach().clone() for k, v in state.items()}
+
+    def send_data(self) -> dict:
+        """What every selected client receives at the start of its local training."""
+        return {"global_state": self.global_state}
+
+    @abstractmethod
+    def aggregate(self, updates: Iterable[ClientUpdate]) -> None:
+        """Consume client updates one at a time (a generator: clients train lazily, memory does not
+        grow with the number of clients) and update `global_state`."""
+
+    def state_dict(self) -> dict:
+        return {"global_state": self.global_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_global_state(state["global_state"])

@@ -1,0 +1,33 @@
+"""Randomness as a pure function of (seed, purpose, round, client): order-independent and resumable."""
+import numpy as np
+import torch
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integer keys (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def numpy_rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in keys]))
+
+
+def torch_generator(device: torch.device, *keys: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(*keys))
+
+
+# Purposes, so that streams for different uses never coincide.
+PARTITION, SELECTION, CLIENT_DATA, INIT, EVAL = range(5)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
