@@ -5,7 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
-from hydra.utils import instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from src.algo.base import RESULTS_FILE, RESUME_FILE, TrainingInterrupted
@@ -34,7 +34,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if state is not None and state["round"] >= cfg.num_rounds and (run_dir / RESULTS_FILE).exists():
         log.info("run in %s already finished its %d rounds: nothing to do", run_dir, cfg.num_rounds)
         return json.loads((run_dir / RESULTS_FILE).read_text())
-    algo = instantiate(cfg.algo, cfg=cfg, run_dir=run_dir, _recursive_=False)
+    # called directly, not through instantiate(), so that a UserError reaches the user unwrapped
+    algo_class = get_class(cfg.algo._target_)
+    algo = algo_class(cfg=cfg, run_dir=run_dir, **{k: v for k, v in cfg.algo.items() if not k.startswith("_")})
     if state is not None:
         algo.load_state_dict(state)
         log.info("continuing from %s (round %d)", checkpoint, state["round"])

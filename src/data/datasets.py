@@ -133,15 +133,26 @@ class FashionMNIST(TorchvisionImages):
         self._raw_dir().mkdir(parents=True, exist_ok=True)
         for f in self.files:
             tmp = self._raw_dir() / f".{f}.tmp"
-            with gzip.open(self.debian_dir / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            try:
+                with gzip.open(self.debian_dir / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             tmp.replace(self._raw_dir() / f)
         log.info("Fashion-MNIST unpacked from %s into %s", self.debian_dir, self._raw_dir())
         return True
 
     def _open(self, train: bool):
-        if self._have_raw() or self._copy_from_debian():
-            return self._torchvision_split(train, download=False)
+        try:
+            found = self._have_raw() or self._copy_from_debian()
+            if found:
+                return self._torchvision_split(train, download=False)
+        except Exception as e:
+            raise UserError(
+                f"Fashion-MNIST files in {self._raw_dir().resolve()} or {self.debian_dir} could not be read "
+                f"({type(e).__name__}: {e}): delete the files in {self._raw_dir().resolve()} to unpack or "
+                "download them again, or reinstall the Debian package dataset-fashion-mnist.") from None
         if self.download:
             try:
                 return self._torchvision_split(train, download=True)

@@ -57,8 +57,8 @@ def random_crop(x: torch.Tensor, padding: int, pad_value: Optional[torch.Tensor]
     if pad_value is None:
         padded = F.pad(x, (padding,) * 4)
     else:  # pad with the normalised value of a black pixel, as padding the raw image would
-        v = pad_value.view(1, c, 1, 1)
-        padded = F.pad(x - v, (padding,) * 4) + v
+        padded = pad_value.view(1, c, 1, 1).expand(b, c, h + 2 * padding, w + 2 * padding).clone()
+        padded[:, :, padding:padding + h, padding:padding + w] = x
     top = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=gen)
     left = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=gen)
     rows = (top[:, None] + torch.arange(h, device=x.device))[:, None, :, None]

@@ -63,7 +63,12 @@ def single_class_shards(labels: np.ndarray, sizes: np.ndarray, num_classes: int,
     for c in range(num_classes):
         members = np.arange(c, num_clients, num_classes)
         pool = rng.permutation(np.flatnonzero(labels == c))
-        cut = np.floor(np.cumsum(sizes[members]) / sizes[members].sum() * len(pool)).astype(np.int64)
+        if len(pool) < len(members):
+            raise ValueError(f"class {c} has {len(pool)} samples for {len(members)} single-class clients: "
+                             "use fewer clients or alpha > 0")
+        # every client gets at least one sample, the rest in proportion to its size
+        share = np.floor(np.cumsum(sizes[members]) / sizes[members].sum() * (len(pool) - len(members)))
+        cut = share.astype(np.int64) + np.arange(1, len(members) + 1)
         for k, part in zip(members, np.split(pool, cut[:-1])):
             clients[k] = part
     return clients
@@ -77,6 +82,8 @@ class IID:
     """Uniformly random split; `size_sigma` > 0 gives lognormal client sizes."""
 
     def __init__(self, size_sigma: float = 0.0):
+        if size_sigma < 0:
+            raise ValueError(f"size_sigma must be >= 0, got {size_sigma}")
         self.size_sigma = size_sigma
 
     def split(self, labels: np.ndarray, num_clients: int, num_classes: int,
@@ -89,6 +96,8 @@ class Dirichlet(IID):
 
     def __init__(self, alpha: float = 0.5, size_sigma: float = 0.0):
         super().__init__(size_sigma)
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0 (0 = single-class shards), got {alpha}")
         self.alpha = alpha
 
     def split(self, labels, num_clients, num_classes, rng):

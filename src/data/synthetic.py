@@ -20,6 +20,11 @@ class Synthetic(Dataset):
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, num_devices: int = 30,
                  test_fraction: float = 0.2, seed: int = 0, max_device_size: int = 0):
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+        if num_devices < 1 or not 0.0 <= test_fraction < 1.0 or max_device_size < 0:
+            raise ValueError("need num_devices >= 1, test_fraction in [0, 1) and max_device_size >= 0, got "
+                             f"{num_devices}, {test_fraction}, {max_device_size}")
         self.alpha, self.beta, self.num_devices = alpha, beta, num_devices
         self.test_fraction, self.seed, self.max_device_size = test_fraction, seed, max_device_size
 

@@ -10,6 +10,8 @@ from src.errors import UserError
 class MLP(nn.Module):
     def __init__(self, in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (200, 200)):
         super().__init__()
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"hidden layer widths must be >= 1, got {list(hidden)}")
         layers: list[nn.Module] = [nn.Flatten()]
         width = int(torch.tensor(in_shape).prod())
         for h in hidden:
@@ -35,6 +37,8 @@ class LeNet(nn.Module):
     def __init__(self, in_shape: Sequence[int], num_classes: int, channels: int = 64):
         super().__init__()
         _need_image("lenet", in_shape)
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
         self.features = nn.Sequential(
             nn.Conv2d(in_shape[0], channels, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(channels, channels, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -77,6 +81,9 @@ class ResNet20(nn.Module):
                  groups: int = 2):
         super().__init__()
         _need_image("resnet20", in_shape)
+        if norm not in ("group", "batch") or groups < 1 or any(c % groups for c in (16, 32, 64)):
+            raise ValueError(f"norm must be 'group' or 'batch' and groups must divide 16, 32 and 64; "
+                             f"got norm={norm!r}, groups={groups}")
         self.stem = nn.Sequential(nn.Conv2d(in_shape[0], 16, 3, 1, 1, bias=False), _norm(norm, 16, groups), nn.ReLU())
         blocks, cin = [], 16
         for cout, stride in ((16, 1), (32, 2), (64, 2)):
