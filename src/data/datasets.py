@@ -166,3 +166,27 @@ class FashionMNIST(TorchvisionImages):
             f"{self.debian_dir} (install it with `apt-get install dataset-fashion-mnist`); (3) torchvision's "
             f"download into dataset.root ({reason})."
         )
+
+
+class RandomImages(Dataset):
+    """Gaussian noise images with uniform random labels: no files, for benchmarks and smoke tests
+    of models and speed (nothing to learn)."""
+
+    flip_invariant = True
+
+    def __init__(self, shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10, train_size: int = 2500,
+                 test_size: int = 500, seed: int = 0):
+        if num_classes < 2 or train_size < 1 or test_size < 1 or any(s < 1 for s in shape):
+            raise ValueError("need num_classes >= 2, train_size >= 1, test_size >= 1 and positive shape, got "
+                             f"{num_classes}, {train_size}, {test_size}, {tuple(shape)}")
+        self.in_shape, self.num_classes = tuple(shape), num_classes
+        self.train_size, self.test_size, self.seed = train_size, test_size, seed
+
+    def load(self, device: torch.device) -> FederatedData:
+        g = torch.Generator().manual_seed(self.seed)
+        n = self.train_size + self.test_size
+        x = torch.randn(n, *self.in_shape, generator=g)
+        y = torch.randint(0, self.num_classes, (n,), generator=g)
+        train = DeviceDataset(x[:self.train_size], y[:self.train_size], self.num_classes)
+        test = DeviceDataset(x[self.train_size:], y[self.train_size:], self.num_classes)
+        return FederatedData(train.to(device), test.to(device), self.in_shape, self.flip_invariant)
