@@ -54,7 +54,10 @@ class Target:
 
 
 def _probe_model(node, cfg):
-    ds = _target(cfg.dataset)
+    try:
+        ds = instantiate(cfg.dataset)  # cheap: datasets read their files only in load()
+    except Exception:
+        return None  # the dataset group reports its own problem
     return instantiate(node, in_shape=list(ds.in_shape), num_classes=ds.num_classes)
 
 
