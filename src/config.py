@@ -4,6 +4,7 @@ range, component that refuses its arguments) is collected and reported in one er
 Plain settings have typed schemas below; the `_target_` groups (algo, dataset, model, ...) are
 checked against their target's signature and then built once on dummy inputs, so each component's
 own argument checks (torch.optim's included) are reported here rather than mid-run."""
+import collections.abc
 import importlib
 import inspect
 import types
@@ -117,7 +118,7 @@ def _type_ok(value: Any, annotation: Any) -> bool | None:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
-    if origin in (list, tuple, typing.Sequence, __import__("collections.abc").abc.Sequence) or annotation in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence) or annotation in (list, tuple):
         if not isinstance(value, (list, tuple, ListConfig)):
             return False
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]

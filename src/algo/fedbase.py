@@ -7,7 +7,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.algo.base import Algo
 from src.client.client import Client, ClientUpdate, TrainSetup
+from src.data.partition import class_histogram
 from src.errors import ConfigError, UserError
 from src.utils.io import save_torch
 from src.utils.seeding import INIT, PARTITION, SELECTION, derive_seed, numpy_rng, rng_state, set_rng_state
@@ -84,8 +84,8 @@ class FedBase(Algo):
         return clients
 
     def save_histogram(self, clients: list[torch.Tensor]) -> None:
-        labels = self.data.train.y
-        rows = [torch.bincount(labels[idx], minlength=self.spec.num_classes).tolist() for idx in clients]
+        labels = self.data.train.y.cpu().numpy()
+        rows = class_histogram(labels, [idx.cpu().numpy() for idx in clients], self.spec.num_classes).tolist()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "client_class_histogram.csv", "w", newline="") as f:
             w = csv.writer(f)

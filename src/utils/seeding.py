@@ -17,7 +17,7 @@ def torch_generator(device: torch.device, *keys: int) -> torch.Generator:
 
 
 # Purposes, so that streams for different uses never coincide.
-PARTITION, SELECTION, CLIENT_DATA, INIT, EVAL = range(5)
+PARTITION, SELECTION, CLIENT_DATA, INIT = range(4)
 
 
 def rng_state() -> dict:
