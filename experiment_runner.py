@@ -1,0 +1,79 @@
+"""Sweeps: an experiment's grid x seeds -> runs of train.py on this machine or on SLURM, then one table.
+
+    python experiment_runner.py list
+    python experiment_runner.py run playbook                                 # here, one run at a time
+    python experiment_runner.py run playbook --backend slurm --cluster experiments/slurm/example.yaml
+    python experiment_runner.py run playbook --backend slurm --cluster FILE --dry-run   # only write scripts
+    python experiment_runner.py run playbook --backend submitit --cluster FILE --set time=04:00:00
+    python experiment_runner.py collect playbook                             # report.md, CSVs, PNGs
+
+An experiment is experiments/NAME.yaml (or any yaml path); see README.md, "Sweeps"."""
+import argparse
+import sys
+from pathlib import Path
+
+from src.errors import UserError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="the experiments in experiments/")
+
+    run = commands.add_parser("run", help="launch an experiment's runs")
+    run.add_argument("experiment", help="a name from experiments/, or a yaml file")
+    run.add_argument("--backend", choices=("local", "slurm", "submitit"), default="local")
+    run.add_argument("--parallel", type=int, default=1, help="local: runs at a time (torch threads are split)")
+    run.add_argument("--cluster", type=Path, help="slurm/submitit: a yaml of SBATCH options (experiments/slurm/)")
+    run.add_argument("--set", dest="slurm_set", action="append", default=[], metavar="KEY=VALUE",
+                     help="slurm/submitit: override one SBATCH option, e.g. --set partition=gpu")
+    run.add_argument("--seeds", type=int, nargs="+", help="replace the experiment's seeds")
+    run.add_argument("--root", type=Path, help="results folder (default: results/)")
+    run.add_argument("--dry-run", action="store_true", help="slurm: write the sbatch scripts, submit nothing")
+    run.add_argument("--wait", action="store_true", help="slurm/submitit: wait for the jobs, then collect")
+
+    collect = commands.add_parser("collect", help="tables and plots of an experiment's runs")
+    collect.add_argument("experiment", help="a name from experiments/, a yaml file, or a results folder")
+    collect.add_argument("--root", type=Path, help="results folder (default: results/)")
+    collect.add_argument("--target", type=float, help="report the rounds to reach this test accuracy (e.g. 0.7)")
+    args = parser.parse_args(argv)
+
+    from src.sweep.collect import collect as collect_runs
+    from src.sweep.experiment import EXPERIMENTS_DIR, load_experiment
+    from src.sweep.runner import launch
+
+    try:
+        if args.command == "list":
+            for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+                exp = load_experiment(str(path))
+                print(f"{exp.name:20s} {len(exp.variants())} runs x {len(exp.seeds)} seeds  "
+                      f"{exp.description.strip().splitlines()[0] if exp.description else ''}")
+            return 0
+        if args.command == "run":
+            if args.parallel < 1:
+                raise UserError(f"--parallel {args.parallel}: give at least 1")
+            experiment = load_experiment(args.experiment)
+            if args.seeds:
+                experiment.seeds = args.seeds
+            outcome = launch(experiment, args.backend, args.root, args.parallel, args.cluster,
+                             tuple(args.slurm_set), args.dry_run, args.wait)
+            if args.dry_run:
+                return 0
+            if args.backend != "local" and not args.wait:
+                print(f"when the jobs are done: python experiment_runner.py collect {experiment.name}"
+                      + (f" --root {args.root}" if args.root else ""))
+                return 0
+            report = collect_runs(experiment.name, args.root)
+            print(report.read_text())
+            return 1 if any(code != 0 for code in outcome["exit_codes"].values()) else 0
+        report = collect_runs(args.experiment, args.root, args.target)
+        print(report.read_text())
+        print(f"written: {report.parent}/{{report.md, summary.csv, runs.csv, accuracy.png, final_accuracy.png}}")
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Sweep declarations. An experiment is a name, a description, parameter grids whose Cartesian product
+gives the runs, overrides shared by every run, and seeds. Every run is composed and validated with the
+project's own config before anything is launched, so a misspelt key fails the sweep, not run 37."""
+import itertools
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from src.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS_DIR = ROOT / "experiments"
+DEFAULT_ROOT = ROOT / "results"          # where runs are written: results/<experiment>/<run>/seed<S>
+DECLARATION_FILE = "experiment.yaml"   # the declaration as launched, kept next to its runs
+
+
+class SweepError(UserError):
+    """A sweep that cannot start; the message lists every problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("sweep not started:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Run:
+    experiment: str
+    name: str
+    seed: int
+    overrides: tuple[str, ...]
+    run_dir: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/seed{self.seed}"
+
+    def train_args(self) -> list[str]:
+        """train.py's arguments. The run directory is fixed, so a requeued or re-launched job
+        finds its own resume.pt (src/run.py continues from it)."""
+        return [*self.overrides, f"seed={self.seed}", f"hydra.run.dir={hydra_value(str(self.run_dir))}"]
+
+
+@dataclass
+class Experiment:
+    name: str
+    description: str = ""
+    # one grid {key: [values]} or a list of them; the runs are the union of their Cartesian products
+    grid: Any = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)   # overrides every run gets
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # for `collect`: rounds to reach this test accuracy (a fraction), and the gap the report measures
+    target_accuracy: Optional[float] = None
+    baseline: Optional[str] = None     # run name of the plain federated recipe ...
+    reference: Optional[str] = None    # ... and of the centralized reference it is compared with
+    parents: dict[str, str] = field(default_factory=dict)   # run -> the run it adds one change to
+    slurm: dict[str, Any] = field(default_factory=dict)     # SBATCH options for this experiment
+
+    def __post_init__(self):
+        problems = []
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", str(self.name)):
+            problems.append(f"name {self.name!r}: use letters, digits, '.', '_' and '-' only (it names a folder)")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            problems.append(f"seeds {self.seeds!r}: give a non-empty list of integers")
+        grids = self.grids()
+        for grid in grids:
+            if not isinstance(grid, dict):
+                problems.append(f"grid {grid!r}: give a mapping of override keys to lists of values")
+                continue
+            for key, values in grid.items():
+                if key == "seed":
+                    problems.append("grid key 'seed': list the seeds under `seeds:` instead")
+                if not isinstance(values, list) or not values:
+                    problems.append(f"grid key {key!r}: give a non-empty list of values, not {values!r}")
+        if "seed" in self.shared:
+            problems.append("shared key 'seed': list the seeds under `seeds:` instead")
+        if problems:
+            raise SweepError([f"experiment {self.name}: {p}" for p in problems])
+
+    def grids(self) -> list:
+        return self.grid if isinstance(self.grid, list) else [self.grid]
+
+    def variants(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(run name, overrides) for every point of every grid, in declaration order."""
+        shared = tuple(override(k, v) for k, v in self.shared.items())
+        variants, seen = [], {}
+        for grid in self.grids():
+            keys = list(grid)
+            for values in itertools.product(*(grid[k] for k in keys)):
+                name = run_name(keys, values)
+                overrides = shared + tuple(override(k, v) for k, v in zip(keys, values))
+                if name in seen and seen[name] != overrides:
+                    raise SweepError([f"experiment {self.name}: two runs are both named {name!r} "
+                                      f"({list(seen[name])} and {list(overrides)}): make the values distinct"])
+                if name not in seen:
+                    seen[name] = overrides
+                    variants.append((name, overrides))
+        return variants
+
+    def runs(self, root: Path) -> list[Run]:
+        root = Path(root).resolve()
+        return [Run(self.name, name, seed, overrides, root / self.name / name / f"seed{seed}")
+                for name, overrides in self.variants() for seed in self.seeds]
+
+    @classmethod
+    def from_dict(cls, data: dict, origin: str) -> "Experiment":
+        if not isinstance(data, dict):
+            raise SweepError([f"{origin}: expected a mapping with name, grid, shared, seeds ..."])
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SweepError([f"{origin}: unknown key(s) {unknown}; an experiment has {sorted(known)}"])
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_experiment(spec: str) -> Experiment:
+    """`spec` is the name of experiments/NAME.yaml, a path to a yaml declaration, or the results folder
+    of a launched experiment (which keeps the declaration it was launched with)."""
+    path = Path(spec)
+    candidates = [path / DECLARATION_FILE, path, EXPERIMENTS_DIR / f"{spec}.yaml"]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+        raise SweepError([f"no experiment {spec!r}: give a name from experiments/ ({', '.join(known)}), "
+                          "a yaml file, or a results folder holding experiment.yaml"])
+    try:
+        data = yaml.safe_load(found.read_text())
+    except yaml.YAMLError as e:
+        raise SweepError([f"{found} is not valid yaml: {e}"]) from None
+    return Experiment.from_dict(data, str(found))
+
+
+def override(key: str, value: Any) -> str:
+    """A Hydra override for a python value, as the command line would spell it."""
+    return f"{key}={hydra_value(value)}"
+
+
+def hydra_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    return text if re.fullmatch(r"[A-Za-z0-9_./+@-]+", text) else hydra_quote(text)
+
+
+def hydra_quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def run_name(keys: list[str], values: tuple) -> str:
+    """A folder-safe name: the values alone for a one-key grid (experiment=playbook/tta -> 'tta'),
+    key-value pairs joined by '_' otherwise (algo-fedprox_prox_mu-0.01)."""
+    def label(value):
+        text = hydra_value(value).strip("'")
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", text.rstrip("/").split("/")[-1]).strip("-") or "empty"
+    if len(keys) == 1:
+        return label(values[0])
+    return "_".join(f"{k.lstrip('+~').split('.')[-1]}-{label(v)}" for k, v in zip(keys, values))
+
+
+def compose_run(overrides: list[str]):
+    """The config train.py would see for these overrides (Hydra must be initialised)."""
+    cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)   # so that ${hydra:...} values resolve
+    return cfg
+
+
+def check_runs(runs: list[Run]) -> None:
+    """Compose and validate every distinct run with Hydra's compose API; raise one SweepError naming
+    each run and what is wrong with it."""
+    from src.config import validate   # imports torch: only when a sweep is really checked
+
+    problems = []
+    checked: set[tuple] = set()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
+        for run in runs:
+            if run.overrides in checked:   # seeds share a config shape: one check per variant
+                continue
+            checked.add(run.overrides)
+            try:
+                validate(compose_run([*run.overrides, f"seed={run.seed}"]))
+            except (HydraException, OmegaConfBaseException, UserError) as e:
+                message = str(e).strip().replace("\n", "\n      ")
+                problems.append(f"run {run.experiment}/{run.name} ({' '.join(run.overrides)}): {message}")
+    if problems:
+        raise SweepError(problems)
+
+
+def save_declaration(experiment: Experiment, root: Path) -> Path:
+    from src.utils.io import save_text
+    path = Path(root) / experiment.name / DECLARATION_FILE
+    save_text(yaml.safe_dump(experiment.to_dict(), sort_keys=False), path)
+    return path
