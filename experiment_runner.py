@@ -52,6 +52,8 @@ def main(argv=None) -> int:
         if args.command == "run":
             if args.parallel < 1:
                 raise UserError(f"--parallel {args.parallel}: give at least 1")
+            if args.dry_run and args.backend != "slurm":
+                raise UserError("--dry-run writes sbatch scripts: use it with --backend slurm")
             experiment = load_experiment(args.experiment)
             if args.seeds:
                 experiment.seeds = args.seeds
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
                 print(f"when the jobs are done: python experiment_runner.py collect {experiment.name}"
                       + (f" --root {args.root}" if args.root else ""))
                 return 0
-            report = collect_runs(experiment.name, args.root)
+            report = collect_runs(str(outcome["experiment_dir"]))
             print(report.read_text())
             return 1 if any(code != 0 for code in outcome["exit_codes"].values()) else 0
         report = collect_runs(args.experiment, args.root, args.target)

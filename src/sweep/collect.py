@@ -135,7 +135,7 @@ def markdown_table(experiment: Experiment, summaries: list[Summary], target: Opt
         if target:
             reached = fmt(s.stats["rounds_to_target"], digits=1)
             row.append(reached if s.reached == s.done else f"{reached} ({s.reached}/{s.done} reached)")
-        row.append(fmt(s.stats["train_time_s"], digits=0))
+        row.append(fmt(s.stats["train_time_s"], digits=1))
         if gap:
             row.append(percent(s.gap_closed))
             if experiment.parents:
@@ -157,7 +157,7 @@ def problems_section(records: list[RunRecord]) -> str:
         where = f" after round {r.curve[-1][0]}" if r.curve else ""
         out.append(f"- **{r.run.key}**: {r.status}{where}{job} ({r.run.run_dir})")
         if r.log_tail:
-            out += ["", "  ```", *(f"  {line}" for line in r.log_tail.splitlines()), "  ```"]
+            out += ["", "  ```", *(f"  {line}" for line in r.log_tail.splitlines()), "  ```", ""]
     return "\n".join(out) + "\n"
 
 

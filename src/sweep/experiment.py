@@ -164,12 +164,12 @@ def hydra_quote(text: str) -> str:
 
 
 def run_name(keys: list[str], values: tuple) -> str:
-    """A folder-safe name: the values alone for a one-key grid (experiment=playbook/tta -> 'tta'),
-    key-value pairs joined by '_' otherwise (algo-fedprox_prox_mu-0.01)."""
+    """A folder-safe name: a one-key grid of names is named by its values (experiment=playbook/tta ->
+    'tta', algo=fedprox -> 'fedprox'); otherwise key-value pairs joined by '_' (algo-fedprox_lr-0.01)."""
     def label(value):
         text = hydra_value(value).strip("'")
         return re.sub(r"[^A-Za-z0-9._-]+", "-", text.rstrip("/").split("/")[-1]).strip("-") or "empty"
-    if len(keys) == 1:
+    if len(keys) == 1 and isinstance(values[0], str):
         return label(values[0])
     return "_".join(f"{k.lstrip('+~').split('.')[-1]}-{label(v)}" for k, v in zip(keys, values))
 
@@ -198,6 +198,8 @@ def check_runs(runs: list[Run]) -> None:
                 validate(compose_run([*run.overrides, f"seed={run.seed}"]))
             except (HydraException, OmegaConfBaseException, UserError) as e:
                 message = str(e).strip().replace("\n", "\n      ")
+                if "Could not override" in message:
+                    message += " (if the key is misspelt: `python train.py --cfg job` shows every key)"
                 problems.append(f"run {run.experiment}/{run.name} ({' '.join(run.overrides)}): {message}")
     if problems:
         raise SweepError(problems)

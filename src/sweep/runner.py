@@ -12,7 +12,7 @@ BACKENDS = ("local", "slurm", "submitit")
 def launch(experiment: Experiment, backend: str = "local", root: Optional[Path] = None, parallel: int = 1,
            cluster_file: Optional[Path] = None, slurm_set: tuple[str, ...] = (), dry_run: bool = False,
            wait: bool = False, log=print) -> dict:
-    """Returns {"runs": [...], "skipped": [...], "job_ids": [...], "exit_codes": {...}}. Runs that already
+    """Returns {"experiment_dir", "runs", "skipped", "job_ids", "exit_codes"}. Runs that already
     finished (results.json in their folder) are skipped; unfinished ones continue from their checkpoint."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {BACKENDS}")
@@ -21,7 +21,8 @@ def launch(experiment: Experiment, backend: str = "local", root: Optional[Path] 
     options = None
     if backend != "local":
         options = backends.load_slurm_options(cluster_file, experiment.slurm, list(slurm_set))
-        backends.check_slurm(options)
+        if not dry_run:   # scripts can be written anywhere, e.g. to copy to a cluster
+            backends.check_slurm(options)
         if backend == "submitit":
             backends.submitit_parameters(options, experiment.name)   # its own checks (time limit)
     check_runs(runs)
@@ -30,7 +31,7 @@ def launch(experiment: Experiment, backend: str = "local", root: Optional[Path] 
     skipped = [r.key for r in runs if r not in todo]
     log(f"{experiment.name}: {len(runs)} runs ({len(runs) // len(experiment.seeds)} variants x "
         f"{len(experiment.seeds)} seeds) in {experiment_dir}" + (f"; {len(skipped)} already finished" if skipped else ""))
-    outcome = {"runs": [r.key for r in runs], "skipped": skipped, "job_ids": [], "exit_codes": {}}
+    outcome = {"experiment_dir": experiment_dir, "runs": [r.key for r in runs], "skipped": skipped, "job_ids": [], "exit_codes": {}}
     if backend == "local":
         outcome["exit_codes"] = backends.run_local(todo, parallel, log=log)
     elif backend == "slurm":
