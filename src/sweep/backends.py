@@ -112,13 +112,13 @@ def run_local(runs: list[Run], parallel: int = 1, log=print) -> dict[str, int]:
     return codes
 
 
-def execute(cmd: list[str], run_dir: Path, env: Optional[dict] = None, started=None) -> int:
+def execute(cmd: list[str], run_dir: Path, env: Optional[dict] = None, started=None, preexec_fn=None) -> int:
     """Run `cmd` in the repository with its output appended to the run's log; record its exit code.
     `started(proc)` receives the process, so a caller can forward signals to it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / EXIT_FILE).unlink(missing_ok=True)
     with open(run_dir / LOG_FILE, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         if started:
             started(proc)
         code = proc.wait()
@@ -220,10 +220,14 @@ def run_slurm(runs: list[Run], experiment_dir: Path, options: SlurmOptions, dry_
 
 # ---------------------------------------------------------------- submitit
 
+def ignore_usr2() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class TrainJob:
-    """A submitit job that runs train.py for one run. On submitit's time-out or preemption signal it
-    stops train.py with SIGTERM (train.py saves resume.pt and exits) and requeues itself; the new
-    attempt continues from that checkpoint."""
+    """A submitit job that runs train.py for one run. On submitit's time-out or preemption signal
+    (SIGUSR2, which SLURM sends to every process of the job: train.py ignores it) it stops train.py with
+    SIGTERM, so that it saves resume.pt, and requeues itself; the next attempt continues from there."""
 
     def __init__(self, cmd: list[str], run_dir: Path):
         self.cmd, self.run_dir = cmd, Path(run_dir)
@@ -232,16 +236,22 @@ class TrainJob:
     def __call__(self) -> int:
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK", "1")}
-        code = execute(self.cmd, self.run_dir, env, started=lambda p: setattr(self, "_proc", p))
+        code = execute(self.cmd, self.run_dir, env, started=lambda p: setattr(self, "_proc", p),
+                       preexec_fn=ignore_usr2)
         if code != 0:
             raise RuntimeError(f"train.py exited with {code}; log: {self.run_dir / LOG_FILE}")
         return code
 
     def checkpoint(self, *args, **kwargs):
+        """Runs in submitit's signal handler, inside __call__'s wait(): Popen's own wait would deadlock
+        here, so wait for the exit with waitid(WNOWAIT), which leaves the reaping to __call__."""
         import submitit
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            self._proc.wait()
+        if self._proc is not None:
+            try:
+                os.kill(self._proc.pid, signal.SIGTERM)
+                os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)
+            except (ProcessLookupError, ChildProcessError):
+                pass   # it had already finished
         return submitit.helpers.DelayedSubmission(TrainJob(self.cmd, self.run_dir))
 
     def __getstate__(self):

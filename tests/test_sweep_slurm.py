@@ -1,0 +1,137 @@
+"""Sweeps on a real SLURM cluster: the single-node one of scripts/slurm_cluster.sh, which .ci/run starts.
+Without a cluster these tests skip, unless FEDSIM_REQUIRE_SLURM=1 (set by .ci/run) makes that a failure."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.algo.base import RESULTS_FILE
+from src.sweep.backends import LOG_FILE, wait_for_jobs
+from src.sweep.experiment import Experiment, SweepError
+from src.sweep.runner import launch
+from tests.conftest import ROOT
+from tests.inprocess import SMALL
+
+CLUSTER = ROOT / "experiments" / "slurm" / "local.yaml"
+SMALL_SHARED = dict(o.split("=", 1) for o in SMALL)
+quiet = dict(log=lambda *_: None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    up = shutil.which("sinfo") and subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%a"],
+                                                  capture_output=True, text=True).stdout.strip() == "up"
+    if not up:
+        message = "no SLURM cluster with partition 'debug': run scripts/slurm_cluster.sh install && start"
+        if os.environ.get("FEDSIM_REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")   # jobs inherit the submitting environment
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def report_rows(report: Path) -> dict[str, str]:
+    return {line.split(" | ")[0].lstrip("| "): line for line in report.read_text().splitlines()
+            if line.startswith("| ")}
+
+
+def test_sbatch_sweep_and_its_aggregation_job(tmp_path):
+    exp = Experiment(name="sb", grid={"algo": ["fedavg", "fairavg"]}, shared=SMALL_SHARED, seeds=[0, 1])
+    outcome = launch(exp, "slurm", tmp_path, cluster_file=CLUSTER, wait=True, **quiet)
+    jobs = json.loads((tmp_path / "sb" / "slurm" / "jobs.json").read_text())
+    assert sorted(jobs) == ["collect", "fairavg/seed0", "fairavg/seed1", "fedavg/seed0", "fedavg/seed1"]
+    assert sorted(outcome["job_ids"]) == sorted(jobs.values())
+    for key in ("fedavg/seed0", "fairavg/seed1"):
+        assert json.loads((tmp_path / "sb" / key / RESULTS_FILE).read_text())["rounds"] == 4
+        assert json.loads((tmp_path / "sb" / key / "job.json").read_text()) == {"backend": "slurm", "job_id": jobs[key]}
+    # the table was written by the aggregation job (afterok on every run), not by this test
+    assert "# sb" in (tmp_path / "sb" / "collect.log").read_text()
+    rows = report_rows(tmp_path / "sb" / "report.md")
+    assert rows["fedavg"].startswith("| fedavg | 2/2 | ") and rows["fairavg"].startswith("| fairavg | 2/2 | ")
+    assert " ± " in rows["fedavg"]
+
+
+def test_submitit_sweep_as_a_job_array(tmp_path):
+    exp = Experiment(name="si", grid={"algo": ["fedavg", "fedprox"]}, shared=SMALL_SHARED, seeds=[0])
+    launch(exp, "submitit", tmp_path, cluster_file=CLUSTER, wait=True, **quiet)
+    jobs = json.loads((tmp_path / "si" / "submitit" / "jobs.json").read_text())
+    array = {jobs["fedavg/seed0"].split("_")[0], jobs["fedprox/seed0"].split("_")[0]}
+    assert len(array) == 1 and "_" in jobs["fedavg/seed0"]   # one array, one task per run
+    rows = report_rows(tmp_path / "si" / "report.md")
+    assert rows["fedavg"].startswith("| fedavg | 1/1 | ") and rows["fedprox"].startswith("| fedprox | 1/1 | ")
+
+
+# ~0.2 s per round: long enough to be caught mid-run
+LONG = ["dataset=synthetic", "model=mlp", "clients.total=20", "clients.per_round=0.5", "num_rounds=40",
+        "eval_every=10", "device=cpu", "client.batch_size=10", "client.local_epochs=2"]
+
+
+def rounds_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def squeue_reason(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.parametrize("backend, interrupt", [
+    ("slurm", ["scontrol", "requeue"]),                 # the job is killed and put back in the queue
+    ("submitit", ["scancel", "--signal=USR2"]),         # submitit's time-out / preemption notice
+])
+def test_requeued_job_finishes_with_the_model_of_an_uninterrupted_run(tmp_path, monkeypatch, backend, interrupt):
+    exp = Experiment(name="rq", grid={"algo": ["fedavg"]}, shared=dict(o.split("=", 1) for o in LONG))
+    job = launch(exp, backend, tmp_path / backend, cluster_file=CLUSTER, **quiet)["job_ids"][0]
+    run_dir = tmp_path / backend / "rq" / "fedavg" / "seed0"
+    deadline = time.time() + 120
+    while rounds_done(run_dir) < 3:
+        assert time.time() < deadline, (run_dir / LOG_FILE).read_text()
+        time.sleep(0.1)
+    subprocess.run([*interrupt, job], check=True)
+    # SLURM holds a requeued job back (reason BeginTime) for a couple of minutes; let it start now
+    deadline = time.time() + 60
+    while squeue_reason(job) != "BeginTime":
+        assert time.time() < deadline, f"job {job} not requeued: {squeue_reason(job)!r}"
+        time.sleep(0.2)
+    assert rounds_done(run_dir) < 40
+    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
+    wait_for_jobs([job], poll_s=0.5, timeout_s=180)
+    log = (run_dir / LOG_FILE).read_text()
+    assert "received SIGTERM" in log and "continuing from" in log, log
+    assert json.loads((run_dir / RESULTS_FILE).read_text())["rounds"] == 40
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # as in the job: other thread counts round differently
+    launch(exp, "local", tmp_path / "local", **quiet)
+    straight = torch.load(tmp_path / "local" / "rq" / "fedavg" / "seed0" / "FINAL_MODEL.pt")
+    requeued = torch.load(run_dir / "FINAL_MODEL.pt")
+    assert straight.keys() == requeued.keys()
+    for name in straight:
+        assert torch.equal(straight[name], requeued[name]), name
+
+
+def test_unknown_partition_is_refused_before_anything_is_written(tmp_path):
+    exp = Experiment(name="np", grid={"algo": ["fedavg"]}, shared=SMALL_SHARED)
+    for backend in ("slurm", "submitit"):
+        with pytest.raises(SweepError, match="partition 'nope' does not exist on this cluster; sinfo lists: debug"):
+            launch(exp, backend, tmp_path, cluster_file=CLUSTER, slurm_set=("partition=nope",), **quiet)
+    assert not (tmp_path / "np").exists()
+
+
+def test_train_multirun_through_the_hydra_submitit_launcher(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
+           f"hydra.sweep.dir={tmp_path}", *SMALL, "seed=0,1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = sorted(p.parent.name.split(",")[-1] for p in tmp_path.glob(f"*/{RESULTS_FILE}"))
+    assert runs == ["seed=0", "seed=1"]
