@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from src.errors import UserError
+from src.sweep.runner import BACKENDS, launch
 
 
 def main(argv=None) -> int:
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
 
     run = commands.add_parser("run", help="launch an experiment's runs")
     run.add_argument("experiment", help="a name from experiments/, or a yaml file")
-    run.add_argument("--backend", choices=("local", "slurm", "submitit"), default="local")
+    run.add_argument("--backend", choices=BACKENDS, default="local")
     run.add_argument("--parallel", type=int, default=1, help="local: runs at a time (torch threads are split)")
     run.add_argument("--cluster", type=Path, help="slurm/submitit: a yaml of SBATCH options (experiments/slurm/)")
     run.add_argument("--set", dest="slurm_set", action="append", default=[], metavar="KEY=VALUE",
@@ -40,20 +41,23 @@ def main(argv=None) -> int:
 
     from src.sweep.collect import collect as collect_runs
     from src.sweep.experiment import EXPERIMENTS_DIR, load_experiment
-    from src.sweep.runner import launch
 
     try:
         if args.command == "list":
             for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
-                exp = load_experiment(str(path))
-                print(f"{exp.name:20s} {len(exp.variants())} runs x {len(exp.seeds)} seeds  "
-                      f"{exp.description.strip().splitlines()[0] if exp.description else ''}")
+                try:
+                    exp = load_experiment(str(path))
+                except UserError as e:
+                    print(f"{path.stem:20s} cannot be read: {e}")
+                    continue
+                summary = (exp.description.strip().splitlines() or [""])[0]
+                print(f"{exp.name:20s} {len(exp.variants())} variants x {len(exp.seeds)} seeds  {summary}")
             return 0
         if args.command == "run":
             if args.parallel < 1:
                 raise UserError(f"--parallel {args.parallel}: give at least 1")
-            if args.dry_run and args.backend != "slurm":
-                raise UserError("--dry-run writes sbatch scripts: use it with --backend slurm")
+            if args.backend == "local" and (args.cluster or args.slurm_set or args.wait):
+                raise UserError("--cluster, --set and --wait are for --backend slurm or submitit")
             experiment = load_experiment(args.experiment)
             if args.seeds:
                 experiment.seeds = args.seeds
@@ -65,10 +69,10 @@ def main(argv=None) -> int:
                 print(f"when the jobs are done: python experiment_runner.py collect {experiment.name}"
                       + (f" --root {args.root}" if args.root else ""))
                 return 0
-            report = collect_runs(str(outcome["experiment_dir"]))
+            report, records = collect_runs(str(outcome["experiment_dir"]))
             print(report.read_text())
-            return 1 if any(code != 0 for code in outcome["exit_codes"].values()) else 0
-        report = collect_runs(args.experiment, args.root, args.target)
+            return 0 if all(r.status == "done" for r in records) else 1
+        report, _ = collect_runs(args.experiment, args.root, args.target)
         print(report.read_text())
         print(f"written: {report.parent}/{{report.md, summary.csv, runs.csv, accuracy.png, final_accuracy.png}}")
         return 0

@@ -7,7 +7,8 @@
 #   scripts/slurm_cluster.sh stop      # cancel all jobs and stop the three daemons
 #   scripts/slurm_cluster.sh status    # sinfo
 #
-# Every command is idempotent. PARTITION (default: debug) names the partition the tests submit to.
+# Every command is idempotent. PARTITION names the partition (default: debug, which the tests and
+# experiments/slurm/local.yaml use). A slurm.conf this script did not write is never touched.
 # The config avoids cgroups (proctrack/linuxproc, task/none) so that it also runs in containers.
 set -euo pipefail
 
@@ -19,13 +20,29 @@ SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 
 install() {
-  if command -v sbatch >/dev/null && command -v munged >/dev/null; then
+  if command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
+     && command -v munged >/dev/null; then
     echo "slurm-wlm and munge already installed"; return
   fi
   $SUDO apt-get update -qq
   # the packages start their services with invoke-rc.d; `start` below starts them our way instead
-  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $SUDO apt-get install -y -qq slurm-wlm munge >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq slurm-wlm munge >/dev/null
   echo "installed: slurm-wlm $(dpkg-query -W -f='${Version}' slurm-wlm), munge"
+}
+
+HEADER="# written by fedsim's scripts/slurm_cluster.sh: a single-node test cluster"
+
+# never take over a real cluster's configuration or daemons
+ours() {
+  [ ! -e "$CONF_DIR/slurm.conf" ] || grep -qxF "$HEADER" "$CONF_DIR/slurm.conf"
+}
+
+refuse_foreign() {
+  if ! ours; then
+    echo "$CONF_DIR/slurm.conf was not written by this script: this machine has its own SLURM setup," \
+         "which this script leaves alone" >&2
+    exit 1
+  fi
 }
 
 write_config() {
@@ -34,7 +51,7 @@ write_config() {
   mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
   $SUDO mkdir -p "$CONF_DIR" "$STATE_DIR/ctld" "$STATE_DIR/d" "$LOG_DIR"
   $SUDO tee "$CONF_DIR/slurm.conf" >/dev/null <<EOF
-# written by fedsim's scripts/slurm_cluster.sh: a single-node test cluster
+$HEADER
 ClusterName=fedsim
 SlurmctldHost=localhost
 SlurmUser=root
@@ -76,6 +93,7 @@ start_munge() {
 
 start() {
   command -v slurmctld >/dev/null || { echo "slurm is not installed: run $0 install" >&2; exit 1; }
+  refuse_foreign
   write_config
   start_munge
   pgrep -x slurmctld >/dev/null || $SUDO slurmctld
@@ -94,6 +112,7 @@ start() {
 }
 
 stop() {
+  refuse_foreign
   if pgrep -x slurmctld >/dev/null; then scancel --full --user="$(id -un)" 2>/dev/null || true; fi
   for daemon in slurmd slurmctld munged; do
     $SUDO pkill -x "$daemon" 2>/dev/null || true

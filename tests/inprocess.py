@@ -4,6 +4,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.utils import get_class
 from omegaconf import open_dict
 
@@ -14,6 +15,8 @@ from src.utils.io import load_torch
 # A federation small enough for a few rounds in about a second.
 SMALL = ["dataset=synthetic", "model=mlp", "clients.total=6", "dataset.max_device_size=60",
          "clients.per_round=0.5", "optimizer.lr=0.05", "num_rounds=4", "eval_every=2", "device=cpu"]
+# the same, as a sweep's `shared:` mapping (typed as yaml would type them)
+SMALL_SHARED = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in SMALL)}
 
 
 def build_algo(compose_cfg, run_dir: Path, *overrides):

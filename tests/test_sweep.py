@@ -12,12 +12,11 @@ import yaml
 from src.algo.base import RESULTS_FILE
 from src.sweep.backends import EXIT_FILE, LOG_FILE, load_slurm_options, slurm_minutes
 from src.sweep.collect import collect, mean_std
-from src.sweep.experiment import Experiment, SweepError, hydra_value, load_experiment, save_declaration
+from src.sweep.experiment import Experiment, SweepError, hydra_value, load_experiment, run_name, save_declaration
 from src.sweep.runner import launch
 from tests.conftest import ROOT
-from tests.inprocess import SMALL
+from tests.inprocess import SMALL, SMALL_SHARED
 
-SMALL_SHARED = dict(o.split("=", 1) for o in SMALL)
 
 
 def test_grids_times_seeds_give_the_runs(tmp_path):
@@ -39,7 +38,11 @@ def test_one_key_grids_are_named_by_their_values_and_values_are_spelt_for_hydra(
     assert [r.name for r in exp.runs(tmp_path)] == ["literal", "tta"]
     assert [hydra_value(v) for v in (None, True, 3, 0.5, [1, 2], "a b", "x/y")] == \
         ["null", "true", "3", "0.5", "[1,2]", "'a b'", "x/y"]
-    assert hydra_value("it's") == "'it\\'s'"
+    # strings Hydra would read as another type stay strings
+    assert [hydra_value(v) for v in ("null", "true", "1", "it's")] == ["'null'", "'true'", "'1'", "'it\\'s'"]
+    assert [r.name for r in Experiment(name="m", grid={"resume": [None, "/a/b.pt"], }).runs(tmp_path)] == \
+        ["resume-null", "resume-b.pt"]
+    assert run_name(["x"], ("..",), True) == "empty" and run_name(["x"], ("../up",), True) == "up"
 
 
 @pytest.mark.parametrize("data, fragment", [
@@ -49,6 +52,15 @@ def test_one_key_grids_are_named_by_their_values_and_values_are_spelt_for_hydra(
     ({"name": "a b"}, "it names a folder"),
     ({"name": "e", "gird": {}}, "unknown key(s) ['gird']"),
     ({"name": "e", "grid": {"x": ["a/b", "c/b"]}}, "both named 'b'"),
+    ({"grid": {"algo": ["fedavg"]}}, "at least a name and a grid"),
+    ({"name": "..", "grid": {"algo": ["fedavg"]}}, "not first '.'"),
+    ({"name": "e", "grid": {"algo": ["fedavg"]}, "seeds": 5}, "non-empty list of integers"),
+    ({"name": "e", "grid": {"algo": ["fedavg"]}, "seeds": [1, 1]}, "a seed is listed twice"),
+    ({"name": "e"}, "give a non-empty mapping"),
+    ({"name": "e", "grid": []}, "give at least one mapping"),
+    ({"name": "e", "grid": {"algo": ["fedavg"]}, "shared": {"algo": "fedprox"}}, "both in the grid and in shared"),
+    ({"name": "e", "grid": {"algo": ["fedavg"]}, "target_accuracy": 70}, "a fraction in (0, 1]"),
+    ({"name": "e", "grid": {"algo": ["fedavg"]}, "baseline": "fedprox"}, "['fedprox'], which are not runs"),
 ])
 def test_bad_declarations_are_refused(data, fragment):
     with pytest.raises(SweepError) as e:
@@ -102,8 +114,10 @@ def test_dry_run_scripts_hold_the_overrides_and_only_the_configured_options(tmp_
         "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --time=01:00:00", "#SBATCH --mem=8G",
         "#SBATCH --gres=gpu:1"]
     assert "module load cuda/12" in script.splitlines()
+    assert script.index("cd ") < script.index("module load")   # setup lines run in the repository
+    assert 'trap \'kill -TERM "$pid" 2>/dev/null\' TERM' in script   # train.py gets time to save
     train = next(line for line in script.splitlines() if " train.py " in line)
-    assert train == f"{sys.executable} train.py {' '.join(SMALL)} algo=fedprox seed=3 hydra.run.dir={run_dir}"
+    assert train == f"{sys.executable} train.py {' '.join(SMALL)} algo=fedprox seed=3 hydra.run.dir={run_dir} &"
     # nothing about a cluster that the config did not give
     for absent in ("--account", "--qos", "--cpus-per-task", "--constraint", "module load cuda/12\nmodule"):
         assert absent not in script
@@ -132,11 +146,28 @@ def test_missing_sbatch_suggests_the_local_backend(tmp_path, monkeypatch):
     (["partion=gpu"], "partion"),
     (["cpus_per_task=many"], "cpus_per_task"),
     (["time=soon"], "time='soon'"),
+    (["partition"], "--set partition: write KEY=VALUE"),
 ])
 def test_bad_slurm_options_are_refused(dotlist, fragment):
     with pytest.raises(SweepError) as e:
         load_slurm_options(None, {}, dotlist)
     assert fragment in str(e.value)
+
+
+def test_unquoted_time_in_a_cluster_file_is_refused(tmp_path):
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("time: 12:00:00\n")
+    with pytest.raises(SweepError, match="time=43200 is a number: quote it"):
+        load_slurm_options(cluster, {}, [])
+    cluster.write_text('time: "12:00:00"\n')
+    assert load_slurm_options(cluster, {}, []).time == "12:00:00"
+    assert load_slurm_options(cluster, {}, ["time=1:30:00"]).time == "1:30:00"   # --set keeps it as typed
+
+
+def test_dry_run_is_for_the_slurm_backend_only(tmp_path):
+    exp = Experiment(name="d", grid={"algo": ["fedavg"]}, shared=SMALL_SHARED)
+    with pytest.raises(SweepError, match="dry run writes sbatch scripts"):
+        launch(exp, "submitit", tmp_path, slurm_set=("time=10",), dry_run=True, log=lambda *_: None)
 
 
 def test_missing_cluster_file_is_named(tmp_path):
@@ -184,8 +215,9 @@ def test_collect_on_fabricated_runs(tmp_path):
     (failed / EXIT_FILE).write_text("1\n")
     (failed / "metrics.jsonl").write_text(json.dumps({"round": 1, "test_accuracy": 0.3}) + "\n")
     # fedprox/seed2 was never launched
+    fabricate(base / "centralized" / "seed3", [0.5], 1)          # a seed outside the declaration: ignored
 
-    report = collect(str(base)).read_text()
+    report = collect(str(base))[0].read_text()
     lines = report.splitlines()
     row = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
     # fedavg: mean 52, sample std 2; never reaches 60%; gap closed 0
@@ -195,7 +227,7 @@ def test_collect_on_fabricated_runs(tmp_path):
     assert row["centralized"] == "| centralized | 3/3 | 72.00 ± 2.00 | 72.00 ± 2.00 | 0.280 ± 0.020 | 1.0 ± 0.0 | 20.0 ± 10.0 | +100% | — |"
     assert "rounds to 60%" in report and "gap closed (fedavg → centralized)" in report
     assert "7 of 9 runs finished" in report
-    assert "- **fedprox/seed1**: failed after round 1" in report and "error: out of memory" in report
+    assert "- **fedprox/seed1**: failed (exit 1) after round 1" in report and "error: out of memory" in report
     assert "line 16\n" in report and "line 15\n" not in report   # the last 15 lines of its log
     assert "- **fedprox/seed2**: missing" in report
 
@@ -205,9 +237,36 @@ def test_collect_on_fabricated_runs(tmp_path):
     assert fedprox[:5] == ["fedprox", "1", "3", "0.58", ""] and fedprox[-3] == "1"
     assert float(fedprox[-2]) == pytest.approx(0.3) and float(fedprox[-1]) == pytest.approx(0.3)
     runs = (base / "runs.csv").read_text().splitlines()
-    assert len(runs) == 10 and [r.split(",")[2] for r in runs[4:7]] == ["done", "failed", "missing"]
+    assert len(runs) == 10 and [r.split(",")[2] for r in runs[4:7]] == ["done", "failed (exit 1)", "missing"]
     for image in ("accuracy.png", "final_accuracy.png"):
         assert (base / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_collect_survives_damaged_and_stopped_runs(tmp_path):
+    exp = Experiment(name="dmg", grid={"algo": ["fedavg"]}, seeds=[0, 1, 2, 3])
+    save_declaration(exp, tmp_path)
+    base = tmp_path / "dmg" / "fedavg"
+    fabricate(base / "seed0", [0.5, 0.6], 1)
+    with open(base / "seed0" / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "test_acc')                          # a line being written
+    fabricate(base / "seed1", [0.5], 1)
+    (base / "seed1" / RESULTS_FILE).write_text("{not json")
+    (base / "seed2").mkdir()
+    (base / "seed2" / EXIT_FILE).write_text("143\n")
+    (base / "seed2" / LOG_FILE).write_text("received SIGTERM\n")
+    fabricate(base / "seed3", [0.7], 1)
+    path, records = collect(str(tmp_path / "dmg"))
+    assert [r.status for r in records] == ["done", "unreadable", "stopped by signal 15", "done"]
+    assert records[0].curve == [(1, 0.5), (2, 0.6)]
+    report = path.read_text()
+    assert "| fedavg | 2/4 | 65.00 ± 7.07 |" in report
+    assert "- **fedavg/seed1**: unreadable" in report and "JSONDecodeError" in report
+    assert "- **fedavg/seed2**: stopped by signal 15" in report and "received SIGTERM" in report
+
+
+def test_collect_of_an_experiment_never_launched_says_so(tmp_path):
+    with pytest.raises(SweepError, match="has not been launched"):
+        collect("smoke", root=tmp_path)
 
 
 def test_local_backend_end_to_end(tmp_path):
@@ -215,7 +274,7 @@ def test_local_backend_end_to_end(tmp_path):
     others, the report lists it with its log, and a second launch skips what finished."""
     declaration = tmp_path / "two.yaml"
     declaration.write_text(yaml.safe_dump({
-        "name": "two", "grid": {"resume": ["null", "/no/such/resume.pt"]}, "shared": SMALL_SHARED, "seeds": [0]}))
+        "name": "two", "grid": {"resume": [None, "/no/such/resume.pt"]}, "shared": SMALL_SHARED, "seeds": [0]}))
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
     def runner(*args):
@@ -224,11 +283,11 @@ def test_local_backend_end_to_end(tmp_path):
     proc = runner("run", str(declaration), "--root", str(tmp_path / "out"), "--parallel", "2")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "[2/2]" in proc.stdout and "FAILED (exit 2" in proc.stdout
-    assert "| null | 1/1 |" in proc.stdout and "| resume.pt | 0/1 |" in proc.stdout
-    assert "- **resume.pt/seed0**: failed" in proc.stdout
+    assert "| resume-null | 1/1 |" in proc.stdout and "| resume-resume.pt | 0/1 |" in proc.stdout
+    assert "- **resume-resume.pt/seed0**: failed (exit 2)" in proc.stdout
     assert "checkpoint /no/such/resume.pt does not exist" in proc.stdout
-    done = tmp_path / "out" / "two" / "null" / "seed0"
+    done = tmp_path / "out" / "two" / "resume-null" / "seed0"
     assert json.loads((done / RESULTS_FILE).read_text())["rounds"] == 4
 
     again = runner("run", str(declaration), "--root", str(tmp_path / "out"))
-    assert "1 already finished" in again.stdout and "[1/1] two/resume.pt/seed0: FAILED" in again.stdout
+    assert "1 already finished" in again.stdout and "[1/1] two/resume-resume.pt/seed0: FAILED" in again.stdout

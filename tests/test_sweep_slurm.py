@@ -16,10 +16,9 @@ from src.sweep.backends import LOG_FILE, wait_for_jobs
 from src.sweep.experiment import Experiment, SweepError
 from src.sweep.runner import launch
 from tests.conftest import ROOT
-from tests.inprocess import SMALL
+from tests.inprocess import SMALL, SMALL_SHARED
 
 CLUSTER = ROOT / "experiments" / "slurm" / "local.yaml"
-SMALL_SHARED = dict(o.split("=", 1) for o in SMALL)
 quiet = dict(log=lambda *_: None)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -54,17 +55,29 @@ class SlurmOptions:
 
 def load_slurm_options(cluster_file: Optional[Path], experiment_options: dict, dotlist: list[str]) -> SlurmOptions:
     """Defaults <- the cluster file <- the experiment's `slurm:` section <- `--set key=value`."""
+    known = ", ".join(f.name for f in fields(SlurmOptions))
+    bad = [item for item in dotlist if "=" not in item]
+    if bad:
+        raise SweepError([f"--set {bad[0]}: write KEY=VALUE (the options are: {known})"])
     layers = []
     try:
         if cluster_file is not None:
             if not Path(cluster_file).is_file():
                 raise SweepError([f"cluster file {cluster_file} does not exist (see experiments/slurm/ for examples)"])
             layers.append(OmegaConf.load(cluster_file))
-        layers += [OmegaConf.create(experiment_options or {}), OmegaConf.from_dotlist(list(dotlist))]
+        # --set values are taken as typed; only time is kept as text (yaml reads 1:30:00 as 5400)
+        times = [item.split("=", 1)[1] for item in dotlist if item.startswith("time=")]
+        layers += [OmegaConf.create(experiment_options or {}),
+                   OmegaConf.from_dotlist([item for item in dotlist if not item.startswith("time=")])]
+        layers += [OmegaConf.create({"time": t}) for t in times]
         merged = OmegaConf.merge(OmegaConf.structured(SlurmOptions), *layers)
-    except OmegaConfBaseException as e:
-        known = ", ".join(f.name for f in fields(SlurmOptions))
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise SweepError([f"SLURM options: {str(e).splitlines()[0]} (the options are: {known})"]) from None
+    for layer in layers:
+        if "time" in layer and not isinstance(layer.time, (str, type(None))):
+            # yaml reads an unquoted 12:00:00 as 43200 (base 60): refuse rather than guess
+            raise SweepError([f"SLURM option time={layer.time!r} is a number: quote it in yaml, "
+                              f"e.g. time: \"12:00:00\" or time: \"90\" (minutes)"])
     options = SlurmOptions(**OmegaConf.to_container(merged))
     if options.time is not None:
         try:
@@ -79,13 +92,29 @@ def python_command(options: Optional[SlurmOptions] = None) -> list[str]:
     return [(options.python if options and options.python else sys.executable), "train.py"]
 
 
+def read_job(run: Run) -> dict:
+    try:
+        return json.loads((run.run_dir / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def is_done(run: Run) -> bool:
-    return (run.run_dir / RESULTS_FILE).exists()
+    """Finished, and with the overrides it has now: a run whose declaration changed runs again
+    (train.py then continues it, or refuses with the settings that differ)."""
+    return (run.run_dir / RESULTS_FILE).exists() and read_job(run).get("overrides") == run.train_args()
 
 
 def record_job(run: Run, backend: str, job_id: Optional[str] = None) -> None:
-    run.run_dir.mkdir(parents=True, exist_ok=True)   # sbatch writes its --output here
-    (run.run_dir / JOB_FILE).write_text(json.dumps({"backend": backend, "job_id": job_id}) + "\n")
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    job = {"backend": backend, "job_id": job_id, "overrides": run.train_args()}
+    (run.run_dir / JOB_FILE).write_text(json.dumps(job) + "\n")
+
+
+def thread_env(default_threads: int) -> dict:
+    """The environment of a run: torch threads as OMP_NUM_THREADS says, else `default_threads`."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, default_threads))}
 
 
 # ---------------------------------------------------------------- local
@@ -93,8 +122,7 @@ def record_job(run: Run, backend: str, job_id: Optional[str] = None) -> None:
 def run_local(runs: list[Run], parallel: int = 1, log=print) -> dict[str, int]:
     """Run train.py for every run, `parallel` at a time; a failing run does not stop the others.
     Torch threads are split between the parallel runs unless OMP_NUM_THREADS is set."""
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // parallel))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    env = thread_env((os.cpu_count() or 1) // parallel)
     lock, finished, codes = threading.Lock(), [0], {}
 
     def one(run: Run) -> None:
@@ -133,8 +161,8 @@ def check_slurm(options: SlurmOptions) -> None:
     if shutil.which("sbatch") is None:
         raise SweepError(["sbatch not found: this machine is not a SLURM login node. Run the sweep here with "
                           "--backend local (or start a test cluster with scripts/slurm_cluster.sh)"])
-    if options.partition is not None:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True)
+    if options.partition is not None and shutil.which("sinfo") is not None:
+        proc = subprocess.run(["sinfo", "-a", "-h", "-o", "%R"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SweepError([f"sinfo failed ({proc.stderr.strip()}): is the SLURM controller up?"])
         partitions = sorted(set(proc.stdout.split()))
@@ -156,12 +184,17 @@ def sbatch_script(run: Run, options: SlurmOptions) -> str:
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
         *(f"#SBATCH {o}" for o in options.sbatch_options()),
-        *options.setup,
         f"cd {shlex.quote(str(ROOT))}",
+        *options.setup,
+        "export PYTHONUNBUFFERED=1",
         'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
         f"rm -f {run_dir}/{EXIT_FILE}",
-        command,
-        "status=$?",
+        f"{command} &",
+        "# on preemption or requeue SLURM sends SIGTERM: pass it on and wait until train.py has saved resume.pt",
+        "pid=$!",
+        'trap \'kill -TERM "$pid" 2>/dev/null\' TERM',
+        'wait "$pid"; status=$?',
+        'while kill -0 "$pid" 2>/dev/null; do wait "$pid"; status=$?; done',
         f'echo "$status" > {run_dir}/{EXIT_FILE}',
         'exit "$status"',
     ]
@@ -175,12 +208,17 @@ def collect_script(experiment_dir: Path, options: SlurmOptions) -> str:
         f"# fedsim sweep {experiment_dir.name!r}: seed aggregation (mean ± std), after every run succeeded.",
         f"#SBATCH --job-name={experiment_dir.name}.collect",
         f"#SBATCH --output={experiment_dir / 'collect.log'}",
-        *(f"#SBATCH {o}" for o in options.sbatch_options()),
-        *options.setup,
+        *(f"#SBATCH {o}" for o in collect_options(options).sbatch_options()),
         f"cd {shlex.quote(str(ROOT))}",
+        *options.setup,
         " ".join(shlex.quote(a) for a in [python, "experiment_runner.py", "collect", str(experiment_dir)]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def collect_options(options: SlurmOptions) -> SlurmOptions:
+    """The aggregation job needs no GPU, memory or hours: only where it may run."""
+    return SlurmOptions(partition=options.partition, account=options.account, qos=options.qos)
 
 
 def sbatch(script: Path, *args: str) -> str:
@@ -206,14 +244,15 @@ def run_slurm(runs: list[Run], experiment_dir: Path, options: SlurmOptions, dry_
         log(f"wrote {len(scripts)} run scripts and collect.sbatch to {script_dir} (dry run: nothing submitted)")
         return []
     jobs = {}
-    for run, path in zip(runs, scripts):
-        record_job(run, "slurm")
-        jobs[run.key] = sbatch(path)
-        record_job(run, "slurm", jobs[run.key])
-    ids = list(jobs.values())
-    if ids:
+    try:
+        for run, path in zip(runs, scripts):
+            run.run_dir.mkdir(parents=True, exist_ok=True)   # sbatch writes its --output there
+            jobs[run.key] = sbatch(path)
+            record_job(run, "slurm", jobs[run.key])
+        ids = list(jobs.values())
         jobs["collect"] = sbatch(collect_path, f"--dependency=afterok:{':'.join(ids)}", "--kill-on-invalid-dep=yes")
-    (script_dir / "jobs.json").write_text(json.dumps(jobs, indent=2) + "\n")
+    finally:   # what was submitted stays on record, also when a later sbatch failed
+        (script_dir / "jobs.json").write_text(json.dumps(jobs, indent=2) + "\n")
     log(f"submitted {len(ids)} runs and the aggregation job {jobs.get('collect')}; job ids in {script_dir / 'jobs.json'}")
     return list(jobs.values())
 
@@ -222,6 +261,9 @@ def run_slurm(runs: list[Run], experiment_dir: Path, options: SlurmOptions, dry_
 
 def ignore_usr2() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+SIGNAL_DELAY_S = 120   # submitit's warning before the time limit: train.py saves and the job requeues
 
 
 class TrainJob:
@@ -234,8 +276,7 @@ class TrainJob:
         self._proc = None
 
     def __call__(self) -> int:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK", "1")}
+        env = thread_env(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
         code = execute(self.cmd, self.run_dir, env, started=lambda p: setattr(self, "_proc", p),
                        preexec_fn=ignore_usr2)
         if code != 0:
@@ -246,10 +287,14 @@ class TrainJob:
         """Runs in submitit's signal handler, inside __call__'s wait(): Popen's own wait would deadlock
         here, so wait for the exit with waitid(WNOWAIT), which leaves the reaping to __call__."""
         import submitit
-        if self._proc is not None:
+        if self._proc is not None and self._proc.returncode is None:
             try:
                 os.kill(self._proc.pid, signal.SIGTERM)
-                os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)
+                deadline = time.time() + SIGNAL_DELAY_S - 30   # leave time for the requeue itself
+                while os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+                    if time.time() > deadline:
+                        break
+                    time.sleep(0.2)
             except (ProcessLookupError, ChildProcessError):
                 pass   # it had already finished
         return submitit.helpers.DelayedSubmission(TrainJob(self.cmd, self.run_dir))
@@ -292,7 +337,7 @@ def run_submitit(runs: list[Run], experiment_dir: Path, options: SlurmOptions, l
 def submitit_parameters(options: SlurmOptions, name: str) -> dict:
     # the pickled TrainJob is imported from the repository in the job
     setup = [f"cd {shlex.quote(str(ROOT))}", f'export PYTHONPATH={shlex.quote(str(ROOT))}"${{PYTHONPATH:+:$PYTHONPATH}}"']
-    params = {"name": name, "slurm_setup": list(options.setup) + setup, "slurm_signal_delay_s": 120}
+    params = {"name": name, "slurm_setup": setup + list(options.setup), "slurm_signal_delay_s": SIGNAL_DELAY_S}
     if options.time is None:   # submitit would otherwise impose its own 5 minutes
         raise SweepError(["the submitit backend needs a time limit (its jobs are requeued when it runs out): "
                           "set `time` in the cluster file or pass --set time=04:00:00"])
@@ -319,18 +364,33 @@ def slurm_minutes(limit: str) -> int:
     return max(1, int(days or 0) * 1440 + hours * 60 + minutes + (seconds > 0))
 
 
-ACTIVE_STATES = "PENDING,RUNNING,COMPLETING,CONFIGURING,SUSPENDED,REQUEUED,REQUEUE_HOLD,RESIZING,SIGNALING"
+ACTIVE_STATES = "PENDING,RUNNING,COMPLETING,CONFIGURING,SUSPENDED,REQUEUED,REQUEUE_HOLD,REQUEUE_FED,RESIZING,SIGNALING,STOPPED"
+
+
+def active_jobs(job_ids: list[str]) -> set[str]:
+    """The base ids of those jobs that SLURM still has queued or running (none without squeue)."""
+    base_ids = ",".join(sorted({str(j).split("_")[0] for j in job_ids}))
+    if not base_ids or shutil.which("squeue") is None:
+        return set()
+    proc = subprocess.run(["squeue", "-h", "-j", base_ids, "-t", ACTIVE_STATES, "-o", "%A"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        raise SweepError([f"squeue failed ({proc.stderr.strip()}): is the SLURM controller up?"])
+    return set(proc.stdout.split()) if proc.returncode == 0 else set()
+
+
+def queued_runs(runs: list[Run]) -> dict[str, str]:
+    """run key -> job id, for runs whose SLURM job is still queued or running: not to launch twice."""
+    jobs = {r.key: read_job(r).get("job_id") for r in runs if read_job(r).get("backend") in ("slurm", "submitit")}
+    jobs = {k: str(j) for k, j in jobs.items() if j}
+    active = active_jobs(list(jobs.values())) if jobs else set()
+    return {k: j for k, j in jobs.items() if j.split("_")[0] in active}
 
 
 def wait_for_jobs(job_ids: list[str], poll_s: float = 2.0, timeout_s: Optional[float] = None) -> None:
-    """Block until none of the jobs is pending or running (requeued ones included)."""
-    base_ids = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    """Block until none of the jobs is queued or running (requeued ones included)."""
     start = time.time()
-    while base_ids:
-        proc = subprocess.run(["squeue", "-h", "-j", base_ids, "-t", ACTIVE_STATES, "-o", "%i"],
-                              capture_output=True, text=True)
-        if (proc.returncode == 0 and not proc.stdout.strip()) or "Invalid job id" in proc.stderr:
-            return
+    while active_jobs(job_ids):
         if timeout_s is not None and time.time() - start > timeout_s:
-            raise TimeoutError(f"jobs {base_ids} still queued after {timeout_s:.0f} s")
+            raise TimeoutError(f"jobs {sorted(active_jobs(job_ids))} still queued after {timeout_s:.0f} s")
         time.sleep(poll_s)

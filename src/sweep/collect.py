@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from src.algo.base import RESULTS_FILE
-from src.sweep.backends import EXIT_FILE, JOB_FILE, LOG_FILE
-from src.sweep.experiment import DECLARATION_FILE, DEFAULT_ROOT, Experiment, Run, load_experiment
+from src.sweep.backends import EXIT_FILE, LOG_FILE, read_job
+from src.sweep.experiment import DECLARATION_FILE, DEFAULT_ROOT, Experiment, Run, SweepError, load_experiment
 
 LOG_TAIL_LINES = 15
 
@@ -17,7 +17,7 @@ LOG_TAIL_LINES = 15
 @dataclass
 class RunRecord:
     run: Run
-    status: str                      # done | failed | incomplete | missing
+    status: str      # done | failed (exit N) | stopped by signal N | incomplete | missing | unreadable
     curve: list[tuple[int, float]] = field(default_factory=list)   # (round, test accuracy)
     final_accuracy: Optional[float] = None
     best_accuracy: Optional[float] = None
@@ -29,13 +29,24 @@ class RunRecord:
 
 
 def read_run(run: Run, target: Optional[float]) -> RunRecord:
+    try:
+        return _read_run(run, target)
+    except (OSError, ValueError, KeyError, TypeError) as e:   # a damaged file spoils this run only
+        return RunRecord(run, "unreadable", log_tail=f"{type(e).__name__}: {e}")
+
+
+def _read_run(run: Run, target: Optional[float]) -> RunRecord:
     d = run.run_dir
     if not d.is_dir():
         return RunRecord(run, "missing")
-    metrics = [json.loads(line) for line in _lines(d / "metrics.jsonl") if line.strip()]
-    curve = [(m["round"], m["test_accuracy"]) for m in metrics if "test_accuracy" in m]
-    job = json.loads((d / JOB_FILE).read_text()) if (d / JOB_FILE).is_file() else {}
-    record = RunRecord(run, "incomplete", curve, job_id=job.get("job_id"),
+    metrics = []
+    for line in _lines(d / "metrics.jsonl"):
+        try:
+            metrics.append(json.loads(line))
+        except ValueError:
+            pass   # a line being written while we read
+    curve = [(m["round"], m["test_accuracy"]) for m in metrics if "test_accuracy" in m and "round" in m]
+    record = RunRecord(run, "incomplete", curve, job_id=read_job(run).get("job_id"),
                        rounds_to_target=next((r for r, acc in curve if acc >= target), None) if target else None)
     if (d / RESULTS_FILE).is_file():
         results = json.loads((d / RESULTS_FILE).read_text())
@@ -47,7 +58,8 @@ def read_run(run: Run, target: Optional[float]) -> RunRecord:
         return record
     exit_code = (d / EXIT_FILE).read_text().strip() if (d / EXIT_FILE).is_file() else None
     if exit_code not in (None, "0"):
-        record.status = "failed"
+        # 128+N: stopped by signal N (SIGTERM: cancelled, preempted or requeued), not an error of its own
+        record.status = f"stopped by signal {int(exit_code) - 128}" if int(exit_code) > 128 else f"failed (exit {exit_code})"
     record.log_tail = "\n".join(_lines(d / LOG_FILE)[-LOG_TAIL_LINES:])
     return record
 
@@ -199,7 +211,8 @@ def plot(experiment: Experiment, summaries: list[Summary], out_dir: Path) -> lis
 
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(summaries) + 2), 5))
     names = [s.name for s in summaries]
-    means = [100 * (s.stats["final_accuracy"][0] or 0.0) for s in summaries]
+    means = [float("nan") if s.stats["final_accuracy"][0] is None else 100 * s.stats["final_accuracy"][0]
+             for s in summaries]
     stds = [100 * (s.stats["final_accuracy"][1] or 0.0) for s in summaries]
     ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
     for role, style in ((experiment.baseline, ":"), (experiment.reference, "--")):
@@ -219,21 +232,23 @@ def plot(experiment: Experiment, summaries: list[Summary], out_dir: Path) -> lis
     return [curves, bars]
 
 
-def collect(spec: str, root: Optional[Path] = None, target: Optional[float] = None, plots: bool = True) -> Path:
-    """Write <root>/<experiment>/{report.md, summary.csv, runs.csv, accuracy.png, final_accuracy.png}
-    and return the report's path. `spec` is an experiment name, yaml file or results folder; the
-    declaration saved at launch (with the seeds it ran) wins over the one in experiments/."""
+def collect(spec: str, root: Optional[Path] = None, target: Optional[float] = None,
+            plots: bool = True) -> tuple[Path, list[RunRecord]]:
+    """Write <results folder>/{report.md, summary.csv, runs.csv, accuracy.png, final_accuracy.png};
+    return the report's path and every run's record. `spec` is an experiment name, yaml file or
+    results folder; the declaration saved at launch (with every seed launched) wins over the one in
+    experiments/."""
     experiment = load_experiment(spec)
     if (Path(spec) / DECLARATION_FILE).is_file():
-        root = Path(spec).resolve().parent
+        out_dir = Path(spec).resolve()
     else:
-        root = Path(root or DEFAULT_ROOT)
-        if (root / experiment.name / DECLARATION_FILE).is_file():
-            experiment = load_experiment(str(root / experiment.name))
+        out_dir = Path(root or DEFAULT_ROOT).resolve() / experiment.name
+        if not (out_dir / DECLARATION_FILE).is_file():
+            raise SweepError([f"experiment {experiment.name} has not been launched into {out_dir.parent}: "
+                              "nothing to collect (is --root right?)"])
+        experiment = load_experiment(str(out_dir))
     target = target if target is not None else experiment.target_accuracy
-    out_dir = root / experiment.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = [read_run(run, target) for run in experiment.runs(root)]
+    records = [read_run(run, target) for run in experiment.runs_in(out_dir)]
     summaries = summarize(experiment, records)
 
     write_csv(out_dir / "runs.csv",
@@ -258,4 +273,4 @@ def collect(spec: str, root: Optional[Path] = None, target: Optional[float] = No
     report.append(problems_section(records))
     path = out_dir / "report.md"
     path.write_text("\n".join(report).rstrip() + "\n")
-    return path
+    return path, records

@@ -64,24 +64,45 @@ class Experiment:
 
     def __post_init__(self):
         problems = []
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", str(self.name)):
-            problems.append(f"name {self.name!r}: use letters, digits, '.', '_' and '-' only (it names a folder)")
-        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", self.name):
+            problems.append(f"name {self.name!r}: use letters, digits, '.', '_' and '-', not first '.' (it names a folder)")
+        if not isinstance(self.description, str):
+            problems.append(f"description {self.description!r}: give text")
+        if (not isinstance(self.seeds, list) or not self.seeds
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds)):
             problems.append(f"seeds {self.seeds!r}: give a non-empty list of integers")
+        elif len(set(self.seeds)) != len(self.seeds):
+            problems.append(f"seeds {self.seeds!r}: a seed is listed twice")
+        for key in ("shared", "parents", "slurm"):
+            if not isinstance(getattr(self, key), dict):
+                problems.append(f"{key} {getattr(self, key)!r}: give a mapping (key: value)")
+        if isinstance(self.shared, dict) and "seed" in self.shared:
+            problems.append("shared key 'seed': list the seeds under `seeds:` instead")
         grids = self.grids()
+        if not grids:
+            problems.append("grid: give at least one mapping of override keys to lists of values")
         for grid in grids:
-            if not isinstance(grid, dict):
-                problems.append(f"grid {grid!r}: give a mapping of override keys to lists of values")
+            if not isinstance(grid, dict) or not grid:
+                problems.append(f"grid {grid!r}: give a non-empty mapping of override keys to lists of values")
                 continue
             for key, values in grid.items():
                 if key == "seed":
                     problems.append("grid key 'seed': list the seeds under `seeds:` instead")
                 if not isinstance(values, list) or not values:
                     problems.append(f"grid key {key!r}: give a non-empty list of values, not {values!r}")
-        if "seed" in self.shared:
-            problems.append("shared key 'seed': list the seeds under `seeds:` instead")
+                if isinstance(self.shared, dict) and key in self.shared:
+                    problems.append(f"key {key!r} is both in the grid and in shared: keep one")
+        if self.target_accuracy is not None and not (
+                isinstance(self.target_accuracy, (int, float)) and 0 < self.target_accuracy <= 1):
+            problems.append(f"target_accuracy {self.target_accuracy!r}: give a fraction in (0, 1], e.g. 0.7")
         if problems:
             raise SweepError([f"experiment {self.name}: {p}" for p in problems])
+        names = {name for name, _ in self.variants()}
+        named = [self.baseline, self.reference, *self.parents.keys(), *self.parents.values()]
+        unknown = sorted({str(n) for n in named if n is not None and n not in names})
+        if unknown:
+            raise SweepError([f"experiment {self.name}: baseline/reference/parents name {unknown}, which are not "
+                              f"runs of it; its runs are {sorted(names)}"])
 
     def grids(self) -> list:
         return self.grid if isinstance(self.grid, list) else [self.grid]
@@ -92,8 +113,9 @@ class Experiment:
         variants, seen = [], {}
         for grid in self.grids():
             keys = list(grid)
+            by_value = len(keys) == 1 and all(isinstance(v, str) for v in grid[keys[0]])
             for values in itertools.product(*(grid[k] for k in keys)):
-                name = run_name(keys, values)
+                name = run_name(keys, values, by_value)
                 overrides = shared + tuple(override(k, v) for k, v in zip(keys, values))
                 if name in seen and seen[name] != overrides:
                     raise SweepError([f"experiment {self.name}: two runs are both named {name!r} "
@@ -104,14 +126,18 @@ class Experiment:
         return variants
 
     def runs(self, root: Path) -> list[Run]:
-        root = Path(root).resolve()
-        return [Run(self.name, name, seed, overrides, root / self.name / name / f"seed{seed}")
+        return self.runs_in(Path(root) / self.name)
+
+    def runs_in(self, folder: Path) -> list[Run]:
+        """The runs, in <folder>/<run>/seed<S>."""
+        folder = Path(folder).resolve()
+        return [Run(self.name, name, seed, overrides, folder / name / f"seed{seed}")
                 for name, overrides in self.variants() for seed in self.seeds]
 
     @classmethod
     def from_dict(cls, data: dict, origin: str) -> "Experiment":
-        if not isinstance(data, dict):
-            raise SweepError([f"{origin}: expected a mapping with name, grid, shared, seeds ..."])
+        if not isinstance(data, dict) or "name" not in data:
+            raise SweepError([f"{origin}: expected a mapping with at least a name and a grid"])
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -156,20 +182,17 @@ def hydra_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
     text = str(value)
-    return text if re.fullmatch(r"[A-Za-z0-9_./+@-]+", text) else hydra_quote(text)
+    plain = re.fullmatch(r"[A-Za-z0-9_./+@-]+", text) and yaml.safe_load(text) == text
+    return text if plain else "'" + text.replace("'", "\\'") + "'"   # quoted: stays a string
 
 
-def hydra_quote(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def run_name(keys: list[str], values: tuple) -> str:
-    """A folder-safe name: a one-key grid of names is named by its values (experiment=playbook/tta ->
-    'tta', algo=fedprox -> 'fedprox'); otherwise key-value pairs joined by '_' (algo-fedprox_lr-0.01)."""
+def run_name(keys: list[str], values: tuple, by_value: bool) -> str:
+    """A folder-safe name, never '.' or '..': by its value for a one-key grid of names
+    (experiment=playbook/tta -> 'tta'), else key-value pairs joined by '_' (algo-fedprox_lr-0.01)."""
     def label(value):
         text = hydra_value(value).strip("'")
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", text.rstrip("/").split("/")[-1]).strip("-") or "empty"
-    if len(keys) == 1 and isinstance(values[0], str):
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", text.rstrip("/").split("/")[-1]).strip("-.") or "empty"
+    if by_value:
         return label(values[0])
     return "_".join(f"{k.lstrip('+~').split('.')[-1]}-{label(v)}" for k, v in zip(keys, values))
 
@@ -184,7 +207,7 @@ def compose_run(overrides: list[str]):
 def check_runs(runs: list[Run]) -> None:
     """Compose and validate every distinct run with Hydra's compose API; raise one SweepError naming
     each run and what is wrong with it."""
-    from src.config import validate   # imports torch: only when a sweep is really checked
+    from src.config import validate
 
     problems = []
     checked: set[tuple] = set()
@@ -206,7 +229,12 @@ def check_runs(runs: list[Run]) -> None:
 
 
 def save_declaration(experiment: Experiment, root: Path) -> Path:
+    """Keep the declaration next to its runs, with every seed launched so far, for collect."""
     from src.utils.io import save_text
     path = Path(root) / experiment.name / DECLARATION_FILE
-    save_text(yaml.safe_dump(experiment.to_dict(), sort_keys=False), path)
+    data = experiment.to_dict()
+    if path.is_file():
+        earlier = yaml.safe_load(path.read_text()).get("seeds", [])
+        data["seeds"] = earlier + [s for s in experiment.seeds if s not in earlier]
+    save_text(yaml.safe_dump(data, sort_keys=False), path)
     return path

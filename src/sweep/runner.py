@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Optional
 
 from src.sweep import backends
-from src.sweep.experiment import DEFAULT_ROOT, Experiment, check_runs, save_declaration
+from src.sweep.experiment import DEFAULT_ROOT, Experiment, SweepError, check_runs, save_declaration
 
 BACKENDS = ("local", "slurm", "submitit")
 
@@ -12,11 +12,16 @@ BACKENDS = ("local", "slurm", "submitit")
 def launch(experiment: Experiment, backend: str = "local", root: Optional[Path] = None, parallel: int = 1,
            cluster_file: Optional[Path] = None, slurm_set: tuple[str, ...] = (), dry_run: bool = False,
            wait: bool = False, log=print) -> dict:
-    """Returns {"experiment_dir", "runs", "skipped", "job_ids", "exit_codes"}. Runs that already
-    finished (results.json in their folder) are skipped; unfinished ones continue from their checkpoint."""
+    """Returns {"experiment_dir", "runs", "skipped", "job_ids", "exit_codes"}. Runs that already finished
+    with the same overrides, or whose SLURM job is still queued or running, are skipped; unfinished ones
+    continue from their checkpoint."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {BACKENDS}")
+    if dry_run and backend != "slurm":
+        raise SweepError(["a dry run writes sbatch scripts: use it with the slurm backend"])
     root = Path(root or DEFAULT_ROOT).resolve()
+    if any(c.isspace() or c == "%" for c in str(root)):   # SBATCH --output would misread them
+        raise SweepError([f"results folder {str(root)!r}: choose a path without spaces or '%'"])
     runs = experiment.runs(root)
     options = None
     if backend != "local":
@@ -27,11 +32,17 @@ def launch(experiment: Experiment, backend: str = "local", root: Optional[Path] 
             backends.submitit_parameters(options, experiment.name)   # its own checks (time limit)
     check_runs(runs)
     experiment_dir = save_declaration(experiment, root).parent
-    todo = [r for r in runs if not backends.is_done(r)]
-    skipped = [r.key for r in runs if r not in todo]
+    done = [r.key for r in runs if backends.is_done(r)]
+    queued = backends.queued_runs([r for r in runs if r.key not in done])
+    todo = [r for r in runs if r.key not in done and r.key not in queued]
     log(f"{experiment.name}: {len(runs)} runs ({len(runs) // len(experiment.seeds)} variants x "
-        f"{len(experiment.seeds)} seeds) in {experiment_dir}" + (f"; {len(skipped)} already finished" if skipped else ""))
-    outcome = {"experiment_dir": experiment_dir, "runs": [r.key for r in runs], "skipped": skipped, "job_ids": [], "exit_codes": {}}
+        f"{len(experiment.seeds)} seeds) in {experiment_dir}"
+        + (f"; {len(done)} already finished" if done else "")
+        + (f"; {len(queued)} still queued or running as jobs {sorted(queued.values())}" if queued else ""))
+    outcome = {"experiment_dir": experiment_dir, "runs": [r.key for r in runs], "skipped": done + list(queued),
+               "job_ids": [], "exit_codes": {}}
+    if not todo and not dry_run:
+        return outcome
     if backend == "local":
         outcome["exit_codes"] = backends.run_local(todo, parallel, log=log)
     elif backend == "slurm":
