@@ -2,6 +2,7 @@
 collect on fabricated run folders, and the local backend end to end."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from src.sweep.collect import collect, mean_std
 from src.sweep.experiment import Experiment, SweepError, hydra_value, load_experiment, run_name, save_declaration
 from src.sweep.runner import launch
 from tests.conftest import ROOT
-from tests.inprocess import SMALL, SMALL_SHARED
+from src.utils.io import load_torch
+from tests.inprocess import SMALL, SMALL_SHARED, build_algo
 
 
 
@@ -291,3 +293,29 @@ def test_local_backend_end_to_end(tmp_path):
 
     again = runner("run", str(declaration), "--root", str(tmp_path / "out"))
     assert "1 already finished" in again.stdout and "[1/1] two/resume-resume.pt/seed0: FAILED" in again.stdout
+
+
+def test_submitit_time_out_handler_runs_after_a_round_checkpoint(compose_cfg, tmp_path):
+    """Under `train.py -m hydra/launcher=slurm`, submitit's SIGUSR2 handler requeues the job and exits.
+    train.py takes the signal first and lets that handler run once the round's checkpoint is saved."""
+    seen = []
+
+    def submitit_like(signum, frame):
+        seen.append(load_torch(tmp_path / "resume.pt")["round"])
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        algo = build_algo(compose_cfg, tmp_path, *SMALL)
+        record = algo.record
+
+        def record_then_signal(metrics):
+            record(metrics)
+            if algo.round == 1:
+                os.kill(os.getpid(), signal.SIGUSR2)
+        algo.record = record_then_signal
+        with pytest.raises(SystemExit):
+            algo.fit()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [1]

@@ -132,5 +132,6 @@ def test_train_multirun_through_the_hydra_submitit_launcher(tmp_path):
            f"hydra.sweep.dir={tmp_path}", *SMALL, "seed=0,1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = sorted(p.parent.name.split(",")[-1] for p in tmp_path.glob(f"*/{RESULTS_FILE}"))
+    runs = sorted(next(o for o in p.parent.name.split(",") if o.startswith("seed="))
+                  for p in tmp_path.glob(f"*/{RESULTS_FILE}"))
     assert runs == ["seed=0", "seed=1"]

@@ -32,6 +32,7 @@ class Algo(ABC):
         except BaseException:
             self.save_checkpoint()
             log.warning("training stopped early; resume checkpoint saved to %s", self.checkpoint_path)
+            self._pass_on_signal(handlers)
             raise
         finally:
             for sig, handler in handlers.items():
@@ -71,11 +72,20 @@ class Algo(ABC):
         return results
 
     # Signals only set a flag; the training loop stops at the next client or round boundary, so
-    # the checkpoint always holds a consistent state. A second SIGINT stops at once.
+    # the checkpoint always holds a consistent state. A second SIGINT stops at once. SIGUSR2 is
+    # handled too when a handler is already installed for it (submitit's time-out warning under
+    # hydra-submitit-launcher): that handler, which requeues the job and exits, runs after the checkpoint.
     def _install_signal_handlers(self) -> dict:
         if threading.current_thread() is not threading.main_thread():
             return {}
-        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        signals = [signal.SIGTERM, signal.SIGINT]
+        if callable(signal.getsignal(signal.SIGUSR2)):
+            signals.append(signal.SIGUSR2)
+        return {sig: signal.signal(sig, self._on_signal) for sig in signals}
+
+    def _pass_on_signal(self, handlers: dict) -> None:
+        if self._stop_signal == signal.SIGUSR2 and callable(handlers.get(signal.SIGUSR2)):
+            handlers[signal.SIGUSR2](signal.SIGUSR2, None)
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT and self._stop_signal is not None:

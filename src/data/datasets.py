@@ -1,6 +1,7 @@
 """Datasets selectable from config/dataset/. Each is a small config object whose `load(device)`
 returns a FederatedData with the whole train and test sets as tensors on `device`."""
 import gzip
+import os
 import logging
 import shutil
 from abc import ABC, abstractmethod
@@ -132,7 +133,7 @@ class FashionMNIST(TorchvisionImages):
             return False
         self._raw_dir().mkdir(parents=True, exist_ok=True)
         for f in self.files:
-            tmp = self._raw_dir() / f".{f}.tmp"
+            tmp = self._raw_dir() / f".{f}.{os.getpid()}.tmp"   # runs of a sweep may unpack at once
             try:
                 with gzip.open(self.debian_dir / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)

@@ -325,9 +325,11 @@ def run_submitit(runs: list[Run], experiment_dir: Path, options: SlurmOptions, l
         record_job(run, "submitit", ids[run.key])
     if jobs:
         array_id = jobs[0].job_id.split("_")[0]
+        # the aggregation job needs none of the runs' GPUs or memory
         extra = {**params.get("slurm_additional_parameters", {}), "kill-on-invalid-dep": "yes"}
         executor.update_parameters(name=f"{experiment_dir.name}.collect", slurm_dependency=f"afterok:{array_id}",
-                                   slurm_additional_parameters=extra)
+                                   slurm_additional_parameters=extra, slurm_gres=None, slurm_mem=None,
+                                   slurm_cpus_per_task=1)
         ids["collect"] = executor.submit(collect_job, str(experiment_dir)).job_id
     (experiment_dir / "submitit" / "jobs.json").write_text(json.dumps(ids, indent=2) + "\n")
     log(f"submitted {len(runs)} runs as a submitit job array and the aggregation job {ids.get('collect')}")
