@@ -189,6 +189,7 @@ def plot(experiment: Experiment, summaries: list[Summary], out_dir: Path) -> lis
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab10" if len(summaries) <= 10 else "tab20").colors)   # one per run
     for s in summaries:
         rounds = sorted({r for rec in s.records for r, _ in rec.curve})
         points = [(r, mean_std([acc for rec in s.records for rr, acc in rec.curve if rr == r])) for r in rounds]
