@@ -15,8 +15,14 @@ from src.utils.io import load_torch
 # A federation small enough for a few rounds in about a second.
 SMALL = ["dataset=synthetic", "model=mlp", "clients.total=6", "dataset.max_device_size=60",
          "clients.per_round=0.5", "optimizer.lr=0.05", "num_rounds=4", "eval_every=2", "device=cpu"]
-# the same, as a sweep's `shared:` mapping (typed as yaml would type them)
-SMALL_SHARED = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in SMALL)}
+
+
+def as_shared(overrides: list[str]) -> dict:
+    """Command-line overrides as a sweep's `shared:` mapping, values typed as yaml types them."""
+    return {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in overrides)}
+
+
+SMALL_SHARED = as_shared(SMALL)
 
 
 def build_algo(compose_cfg, run_dir: Path, *overrides):

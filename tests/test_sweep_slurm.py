@@ -16,7 +16,7 @@ from src.sweep.backends import LOG_FILE, wait_for_jobs
 from src.sweep.experiment import Experiment, SweepError
 from src.sweep.runner import launch
 from tests.conftest import ROOT
-from tests.inprocess import SMALL, SMALL_SHARED
+from tests.inprocess import SMALL, SMALL_SHARED, as_shared
 
 CLUSTER = ROOT / "experiments" / "slurm" / "local.yaml"
 quiet = dict(log=lambda *_: None)
@@ -52,12 +52,16 @@ def test_sbatch_sweep_and_its_aggregation_job(tmp_path):
     assert sorted(outcome["job_ids"]) == sorted(jobs.values())
     for key in ("fedavg/seed0", "fairavg/seed1"):
         assert json.loads((tmp_path / "sb" / key / RESULTS_FILE).read_text())["rounds"] == 4
-        assert json.loads((tmp_path / "sb" / key / "job.json").read_text()) == {"backend": "slurm", "job_id": jobs[key]}
+        job = json.loads((tmp_path / "sb" / key / "job.json").read_text())
+        assert (job["backend"], job["job_id"]) == ("slurm", jobs[key]) and "seed=" + key[-1] in job["overrides"]
     # the table was written by the aggregation job (afterok on every run), not by this test
     assert "# sb" in (tmp_path / "sb" / "collect.log").read_text()
     rows = report_rows(tmp_path / "sb" / "report.md")
     assert rows["fedavg"].startswith("| fedavg | 2/2 | ") and rows["fairavg"].startswith("| fairavg | 2/2 | ")
     assert " ± " in rows["fedavg"]
+    # launched again: everything finished, nothing is submitted
+    again = launch(exp, "slurm", tmp_path, cluster_file=CLUSTER, **quiet)
+    assert again["job_ids"] == [] and len(again["skipped"]) == 4
 
 
 def test_submitit_sweep_as_a_job_array(tmp_path):
@@ -89,7 +93,7 @@ def squeue_reason(job: str) -> str:
     ("submitit", ["scancel", "--signal=USR2"]),         # submitit's time-out / preemption notice
 ])
 def test_requeued_job_finishes_with_the_model_of_an_uninterrupted_run(tmp_path, monkeypatch, backend, interrupt):
-    exp = Experiment(name="rq", grid={"algo": ["fedavg"]}, shared=dict(o.split("=", 1) for o in LONG))
+    exp = Experiment(name="rq", grid={"algo": ["fedavg"]}, shared=as_shared(LONG))
     job = launch(exp, backend, tmp_path / backend, cluster_file=CLUSTER, **quiet)["job_ids"][0]
     run_dir = tmp_path / backend / "rq" / "fedavg" / "seed0"
     deadline = time.time() + 120
