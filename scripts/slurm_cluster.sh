@@ -118,7 +118,9 @@ stop() {
     $SUDO pkill -x "$daemon" 2>/dev/null || true
   done
   for _ in $(seq 30); do
-    pgrep -x 'slurmd|slurmctld|munged' >/dev/null || { echo "slurm cluster stopped"; return; }
+    if ! pgrep -x slurmd >/dev/null && ! pgrep -x slurmctld >/dev/null && ! pgrep -x munged >/dev/null; then
+      echo "slurm cluster stopped"; return
+    fi
     sleep 1
   done
   echo "daemons still running after 30 s" >&2; exit 1
