@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from src.algo.base import RESULTS_FILE
-from src.sweep.backends import EXIT_FILE, LOG_FILE, load_slurm_options, slurm_minutes
+from src.sweep.backends import EXIT_FILE, LOG_FILE, load_slurm_options, slurm_minutes, submitit_parameters
 from src.sweep.collect import collect, mean_std
 from src.sweep.experiment import Experiment, SweepError, hydra_value, load_experiment, run_name, save_declaration
 from src.sweep.runner import launch
@@ -149,6 +149,7 @@ def test_missing_sbatch_suggests_the_local_backend(tmp_path, monkeypatch):
     (["cpus_per_task=many"], "cpus_per_task"),
     (["time=soon"], "time='soon'"),
     (["partition"], "--set partition: write KEY=VALUE"),
+    (["extra=[--mail-type FAIL]"], "one --key=value item"),
 ])
 def test_bad_slurm_options_are_refused(dotlist, fragment):
     with pytest.raises(SweepError) as e:
@@ -164,6 +165,14 @@ def test_unquoted_time_in_a_cluster_file_is_refused(tmp_path):
     cluster.write_text('time: "12:00:00"\n')
     assert load_slurm_options(cluster, {}, []).time == "12:00:00"
     assert load_slurm_options(cluster, {}, ["time=1:30:00"]).time == "1:30:00"   # --set keeps it as typed
+
+
+@pytest.mark.parametrize("limit", ["UNLIMITED", "infinite", "0"])
+def test_unlimited_time_is_for_sbatch_only(limit):
+    options = load_slurm_options(None, {}, [f"time={limit}"])
+    assert options.time == limit
+    with pytest.raises(SweepError, match="finite time limit"):
+        submitit_parameters(options, "x")
 
 
 def test_dry_run_is_for_the_slurm_backend_only(tmp_path):

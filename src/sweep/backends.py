@@ -79,12 +79,15 @@ def load_slurm_options(cluster_file: Optional[Path], experiment_options: dict, d
             raise SweepError([f"SLURM option time={layer.time!r} is a number: quote it in yaml, "
                               f"e.g. time: \"12:00:00\" or time: \"90\" (minutes)"])
     options = SlurmOptions(**OmegaConf.to_container(merged))
-    if options.time is not None:
+    if options.time is not None and not unlimited(options.time):
         try:
             slurm_minutes(options.time)
         except (ValueError, IndexError):
-            raise SweepError([f"SLURM option time={options.time!r}: use SLURM's format, e.g. 90, 04:00:00 "
-                              "or 1-00:00:00"]) from None
+            raise SweepError([f"SLURM option time={options.time!r}: use SLURM's format, e.g. 90, 04:00:00, "
+                              "1-00:00:00 or UNLIMITED"]) from None
+    spaced = [flag for flag in options.extra if not flag.startswith("-") or " " in flag]
+    if spaced:
+        raise SweepError([f"SLURM option extra={spaced}: give each sbatch flag as one --key=value item"])
     return options
 
 
@@ -340,9 +343,9 @@ def submitit_parameters(options: SlurmOptions, name: str) -> dict:
     # the pickled TrainJob is imported from the repository in the job
     setup = [f"cd {shlex.quote(str(ROOT))}", f'export PYTHONPATH={shlex.quote(str(ROOT))}"${{PYTHONPATH:+:$PYTHONPATH}}"']
     params = {"name": name, "slurm_setup": setup + list(options.setup), "slurm_signal_delay_s": SIGNAL_DELAY_S}
-    if options.time is None:   # submitit would otherwise impose its own 5 minutes
-        raise SweepError(["the submitit backend needs a time limit (its jobs are requeued when it runs out): "
-                          "set `time` in the cluster file or pass --set time=04:00:00"])
+    if options.time is None or unlimited(options.time):   # submitit would impose its own 5 min
+        raise SweepError(["the submitit backend needs a finite time limit (its jobs are requeued when it runs "
+                          "out): set `time` in the cluster file or pass --set time=04:00:00"])
     params["timeout_min"] = slurm_minutes(options.time)
     for key in ("partition", "account", "qos", "mem", "gres", "constraint"):
         if getattr(options, key) is not None:
@@ -355,10 +358,16 @@ def submitit_parameters(options: SlurmOptions, name: str) -> dict:
     return params
 
 
+def unlimited(limit: str) -> bool:
+    return limit.upper() in ("UNLIMITED", "INFINITE", "0")   # SLURM reads all three as no limit
+
+
 def slurm_minutes(limit: str) -> int:
     """SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
     days, _, clock = limit.rpartition("-")
     parts = [int(p) for p in clock.split(":")]
+    if any(p < 0 for p in parts) or (days and int(days) < 0):
+        raise ValueError(limit)
     if days:
         hours, minutes, seconds = (parts + [0, 0])[:3]
     else:
