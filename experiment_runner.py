@@ -9,7 +9,9 @@
 
 An experiment is experiments/NAME.yaml (or any yaml path); see README.md, "Sweeps"."""
 import argparse
+import dataclasses
 import sys
+import textwrap
 from pathlib import Path
 
 from src.errors import UserError
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
                 except UserError as e:
                     print(f"{path.stem:20s} cannot be read: {e}")
                     continue
-                summary = (exp.description.strip().splitlines() or [""])[0]
+                summary = textwrap.shorten(exp.description, 70, placeholder=" ...")
                 print(f"{exp.name:20s} {len(exp.variants())} variants x {len(exp.seeds)} seeds  {summary}")
             return 0
         if args.command == "run":
@@ -60,12 +62,12 @@ def main(argv=None) -> int:
                 raise UserError("--cluster, --set and --wait are for --backend slurm or submitit")
             experiment = load_experiment(args.experiment)
             if args.seeds:
-                experiment.seeds = args.seeds
+                experiment = dataclasses.replace(experiment, seeds=args.seeds)   # checked again
             outcome = launch(experiment, args.backend, args.root, args.parallel, args.cluster,
                              tuple(args.slurm_set), args.dry_run, args.wait)
             if args.dry_run:
                 return 0
-            if args.backend != "local" and not args.wait:
+            if args.backend != "local" and not args.wait and outcome["job_ids"]:
                 print(f"when the jobs are done: python experiment_runner.py collect {experiment.name}"
                       + (f" --root {args.root}" if args.root else ""))
                 return 0

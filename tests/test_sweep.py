@@ -70,6 +70,21 @@ def test_bad_declarations_are_refused(data, fragment):
     assert fragment in str(e.value)
 
 
+def test_seeds_given_on_the_command_line_are_checked_too(tmp_path, capsys):
+    from experiment_runner import main
+    assert main(["run", "smoke", "--seeds", "5", "5", "--root", str(tmp_path)]) == 2
+    assert "a seed is listed twice" in capsys.readouterr().err
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_a_bad_shared_override_is_reported_once_for_all_runs(tmp_path):
+    exp = Experiment(name="sh", grid={"algo": ["fedavg", "fedprox"]}, shared={**SMALL_SHARED, "optimizer.lrr": 0.1})
+    with pytest.raises(SweepError) as e:
+        launch(exp, "local", tmp_path, log=lambda *_: None)
+    assert str(e.value).count("optimizer.lrr") == 1 and "runs sh/fedavg, sh/fedprox (2 runs)" in str(e.value)
+    assert "check its spelling" in str(e.value) and "+optimizer.lrr" not in str(e.value)
+
+
 def test_unknown_experiment_lists_the_known_ones():
     with pytest.raises(SweepError, match="playbook"):
         load_experiment("no_such_experiment")
@@ -299,6 +314,9 @@ def test_local_backend_end_to_end(tmp_path):
     assert "checkpoint /no/such/resume.pt does not exist" in proc.stdout
     done = tmp_path / "out" / "two" / "resume-null" / "seed0"
     assert json.loads((done / RESULTS_FILE).read_text())["rounds"] == 4
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (done / RESULTS_FILE).stat().st_mode & 0o777 == 0o666 & ~umask   # not owner-only: results are shared
 
     again = runner("run", str(declaration), "--root", str(tmp_path / "out"))
     assert "1 already finished" in again.stdout and "[1/1] two/resume-resume.pt/seed0: FAILED" in again.stdout

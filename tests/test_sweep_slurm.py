@@ -13,6 +13,7 @@ import torch
 
 from src.algo.base import RESULTS_FILE
 from src.sweep.backends import LOG_FILE, wait_for_jobs
+from src.sweep.collect import collect
 from src.sweep.experiment import Experiment, SweepError
 from src.sweep.runner import launch
 from tests.conftest import ROOT
@@ -107,6 +108,8 @@ def test_requeued_job_finishes_with_the_model_of_an_uninterrupted_run(tmp_path, 
         assert time.time() < deadline, f"job {job} not requeued: {squeue_reason(job)!r}"
         time.sleep(0.2)
     assert rounds_done(run_dir) < 40
+    status = {r.run.key: r.status for r in collect(str(tmp_path / backend / "rq"))[1]}
+    assert status == {"fedavg/seed0": "queued or running"}   # requeued, not failed
     subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
     wait_for_jobs([job], poll_s=0.5, timeout_s=180)
     log = (run_dir / LOG_FILE).read_text()

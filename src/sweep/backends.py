@@ -72,7 +72,10 @@ def load_slurm_options(cluster_file: Optional[Path], experiment_options: dict, d
         layers += [OmegaConf.create({"time": t}) for t in times]
         merged = OmegaConf.merge(OmegaConf.structured(SlurmOptions), *layers)
     except (OmegaConfBaseException, yaml.YAMLError) as e:
-        raise SweepError([f"SLURM options: {str(e).splitlines()[0]} (the options are: {known})"]) from None
+        key = getattr(e, "full_key", None)
+        where = f"SLURM option {key}" if key else "SLURM options"
+        hint = "; extra and setup are lists, e.g. extra: [\"--exclusive\"]" if key in ("extra", "setup") else ""
+        raise SweepError([f"{where}: {str(e).splitlines()[0]}{hint} (the options are: {known})"]) from None
     for layer in layers:
         if "time" in layer and not isinstance(layer.time, (str, type(None))):
             # yaml reads an unquoted 12:00:00 as 43200 (base 60): refuse rather than guess
@@ -187,8 +190,10 @@ def sbatch_script(run: Run, options: SlurmOptions) -> str:
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
         *(f"#SBATCH {o}" for o in options.sbatch_options()),
+        "set -e   # a failing setup line stops the job rather than training in the wrong environment",
         f"cd {shlex.quote(str(ROOT))}",
         *options.setup,
+        "set +e",
         "export PYTHONUNBUFFERED=1",
         'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
         f"rm -f {run_dir}/{EXIT_FILE}",
@@ -212,6 +217,7 @@ def collect_script(experiment_dir: Path, options: SlurmOptions) -> str:
         f"#SBATCH --job-name={experiment_dir.name}.collect",
         f"#SBATCH --output={experiment_dir / 'collect.log'}",
         *(f"#SBATCH {o}" for o in collect_options(options).sbatch_options()),
+        "set -e",
         f"cd {shlex.quote(str(ROOT))}",
         *options.setup,
         " ".join(shlex.quote(a) for a in [python, "experiment_runner.py", "collect", str(experiment_dir)]),
@@ -219,9 +225,14 @@ def collect_script(experiment_dir: Path, options: SlurmOptions) -> str:
     return "\n".join(lines) + "\n"
 
 
+COLLECT_TIME = "00:10:00"
+
+
 def collect_options(options: SlurmOptions) -> SlurmOptions:
-    """The aggregation job needs no GPU, memory or hours: only where it may run."""
-    return SlurmOptions(partition=options.partition, account=options.account, qos=options.qos)
+    """The aggregation job needs none of the runs' GPUs, memory, hours or extra flags: only where it
+    may run, for a few minutes. Both backends submit it so."""
+    return SlurmOptions(partition=options.partition, account=options.account, qos=options.qos,
+                        time=COLLECT_TIME, setup=options.setup, python=options.python)
 
 
 def sbatch(script: Path, *args: str) -> str:
@@ -328,11 +339,10 @@ def run_submitit(runs: list[Run], experiment_dir: Path, options: SlurmOptions, l
         record_job(run, "submitit", ids[run.key])
     if jobs:
         array_id = jobs[0].job_id.split("_")[0]
-        # the aggregation job needs none of the runs' GPUs or memory
-        extra = {**params.get("slurm_additional_parameters", {}), "kill-on-invalid-dep": "yes"}
-        executor.update_parameters(name=f"{experiment_dir.name}.collect", slurm_dependency=f"afterok:{array_id}",
-                                   slurm_additional_parameters=extra, slurm_gres=None, slurm_mem=None,
-                                   slurm_cpus_per_task=1)
+        executor.update_parameters(
+            **submitit_parameters(collect_options(options), f"{experiment_dir.name}.collect"),
+            slurm_gres=None, slurm_mem=None, slurm_cpus_per_task=None, slurm_constraint=None,
+            slurm_dependency=f"afterok:{array_id}", slurm_additional_parameters={"kill-on-invalid-dep": "yes"})
         ids["collect"] = executor.submit(collect_job, str(experiment_dir)).job_id
     (experiment_dir / "submitit" / "jobs.json").write_text(json.dumps(ids, indent=2) + "\n")
     log(f"submitted {len(runs)} runs as a submitit job array and the aggregation job {ids.get('collect')}")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from src.algo.base import RESULTS_FILE
-from src.sweep.backends import EXIT_FILE, LOG_FILE, read_job
+from src.sweep.backends import EXIT_FILE, LOG_FILE, active_jobs, read_job
 from src.sweep.experiment import DECLARATION_FILE, DEFAULT_ROOT, Experiment, Run, SweepError, load_experiment
 
 LOG_TAIL_LINES = 15
@@ -17,7 +17,8 @@ LOG_TAIL_LINES = 15
 @dataclass
 class RunRecord:
     run: Run
-    status: str      # done | failed (exit N) | stopped by signal N | incomplete | missing | unreadable
+    # done | failed (exit N) | stopped by signal N | queued or running | incomplete | missing | unreadable
+    status: str
     curve: list[tuple[int, float]] = field(default_factory=list)   # (round, test accuracy)
     final_accuracy: Optional[float] = None
     best_accuracy: Optional[float] = None
@@ -204,7 +205,8 @@ def plot(experiment: Experiment, summaries: list[Summary], out_dir: Path) -> lis
     ax.set(xlabel="round", ylabel="test accuracy (%)", title=f"{experiment.name}: test accuracy per round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    if ax.lines:
+        ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     curves = out_dir / "accuracy.png"
     fig.savefig(curves, dpi=120)
@@ -245,11 +247,17 @@ def collect(spec: str, root: Optional[Path] = None, target: Optional[float] = No
     else:
         out_dir = Path(root or DEFAULT_ROOT).resolve() / experiment.name
         if not (out_dir / DECLARATION_FILE).is_file():
-            raise SweepError([f"experiment {experiment.name} has not been launched into {out_dir.parent}: "
-                              "nothing to collect (is --root right?)"])
+            raise SweepError([f"experiment {experiment.name} has not been launched into {out_dir.parent} "
+                              "(is --root right?)"], "nothing collected")
         experiment = load_experiment(str(out_dir))
     target = target if target is not None else experiment.target_accuracy
+    if target is not None and not 0 < target <= 1:
+        raise SweepError([f"target accuracy {target}: give a fraction in (0, 1], e.g. 0.7"], "nothing collected")
     records = [read_run(run, target) for run in experiment.runs_in(out_dir)]
+    active = active_jobs([r.job_id for r in records if r.status != "done" and r.job_id])
+    for r in records:
+        if r.status != "done" and r.job_id and r.job_id.split("_")[0] in active:
+            r.status = "queued or running"   # e.g. requeued after a SIGTERM: not a failure
     summaries = summarize(experiment, records)
 
     write_csv(out_dir / "runs.csv",

@@ -25,8 +25,8 @@ DECLARATION_FILE = "experiment.yaml"   # the declaration as launched, kept next 
 class SweepError(UserError):
     """A sweep that cannot start; the message lists every problem."""
 
-    def __init__(self, problems: list[str]):
-        super().__init__("sweep not started:\n" + "\n".join(f"  - {p}" for p in problems))
+    def __init__(self, problems: list[str], headline: str = "sweep not started"):
+        super().__init__(f"{headline}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def check_runs(runs: list[Run]) -> None:
     each run and what is wrong with it."""
     from src.config import validate
 
-    problems = []
+    problems: dict[str, list[str]] = {}   # message -> the runs it concerns
     checked: set[tuple] = set()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
@@ -220,12 +220,15 @@ def check_runs(runs: list[Run]) -> None:
             try:
                 validate(compose_run([*run.overrides, f"seed={run.seed}"]))
             except (HydraException, OmegaConfBaseException, UserError) as e:
-                message = str(e).strip().replace("\n", "\n      ")
-                if "Could not override" in message:
-                    message += " (if the key is misspelt: `python train.py --cfg job` shows every key)"
-                problems.append(f"run {run.experiment}/{run.name} ({' '.join(run.overrides)}): {message}")
-    if problems:
-        raise SweepError(problems)
+                message = str(e).strip()
+                if "Could not override" in message:   # Hydra suggests appending it with '+': rarely meant
+                    message = message.splitlines()[0] + " The config has no such key: check its spelling " \
+                        "(`python train.py --cfg job` shows every key)."
+                problems.setdefault(message.replace("\n", "\n      "), []).append(f"{run.experiment}/{run.name}")
+    if problems:   # a bad shared override is reported once, with the runs it spoils
+        raise SweepError([f"run {runs[0]}: {message}" if len(runs) == 1 else
+                          f"runs {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''} ({len(runs)} runs): {message}"
+                          for message, runs in problems.items()])
 
 
 def save_declaration(experiment: Experiment, root: Path) -> Path:

@@ -10,6 +10,10 @@ import torch
 from src.errors import UserError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`:
     a crash leaves either the old file or the new one, never half of one."""
@@ -17,6 +21,7 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes it owner-only; results are shared as usual files
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
