@@ -16,6 +16,7 @@ from src.sweep.backends import LOG_FILE, wait_for_jobs
 from src.sweep.collect import collect
 from src.sweep.experiment import Experiment, SweepError
 from src.sweep.runner import launch
+from src.utils.io import load_torch
 from tests.conftest import ROOT
 from tests.inprocess import SMALL, SMALL_SHARED, as_shared
 
@@ -120,8 +121,8 @@ def test_requeued_job_finishes_with_the_model_of_an_uninterrupted_run(tmp_path, 
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # as in the job: other thread counts round differently
     launch(exp, "local", tmp_path / "local", **quiet)
-    straight = torch.load(tmp_path / "local" / "rq" / "fedavg" / "seed0" / "FINAL_MODEL.pt")
-    requeued = torch.load(run_dir / "FINAL_MODEL.pt")
+    straight = load_torch(tmp_path / "local" / "rq" / "fedavg" / "seed0" / "FINAL_MODEL.pt")
+    requeued = load_torch(run_dir / "FINAL_MODEL.pt")
     assert straight.keys() == requeued.keys()
     for name in straight:
         assert torch.equal(straight[name], requeued[name]), name

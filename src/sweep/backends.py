@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from src.algo.base import RESULTS_FILE
 from src.sweep.experiment import ROOT, Run, SweepError
+from src.utils.io import save_json
 
 LOG_FILE = "stdout.log"
 EXIT_FILE = "exit_status"
@@ -114,7 +115,7 @@ def is_done(run: Run) -> bool:
 def record_job(run: Run, backend: str, job_id: Optional[str] = None) -> None:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     job = {"backend": backend, "job_id": job_id, "overrides": run.train_args()}
-    (run.run_dir / JOB_FILE).write_text(json.dumps(job) + "\n")
+    save_json(job, run.run_dir / JOB_FILE)
 
 
 def thread_env(default_threads: int) -> dict:
@@ -266,7 +267,7 @@ def run_slurm(runs: list[Run], experiment_dir: Path, options: SlurmOptions, dry_
         ids = list(jobs.values())
         jobs["collect"] = sbatch(collect_path, f"--dependency=afterok:{':'.join(ids)}", "--kill-on-invalid-dep=yes")
     finally:   # what was submitted stays on record, also when a later sbatch failed
-        (script_dir / "jobs.json").write_text(json.dumps(jobs, indent=2) + "\n")
+        save_json(jobs, script_dir / "jobs.json")
     log(f"submitted {len(ids)} runs and the aggregation job {jobs.get('collect')}; job ids in {script_dir / 'jobs.json'}")
     return list(jobs.values())
 
@@ -344,7 +345,7 @@ def run_submitit(runs: list[Run], experiment_dir: Path, options: SlurmOptions, l
             slurm_gres=None, slurm_mem=None, slurm_cpus_per_task=None, slurm_constraint=None,
             slurm_dependency=f"afterok:{array_id}", slurm_additional_parameters={"kill-on-invalid-dep": "yes"})
         ids["collect"] = executor.submit(collect_job, str(experiment_dir)).job_id
-    (experiment_dir / "submitit" / "jobs.json").write_text(json.dumps(ids, indent=2) + "\n")
+    save_json(ids, experiment_dir / "submitit" / "jobs.json")
     log(f"submitted {len(runs)} runs as a submitit job array and the aggregation job {ids.get('collect')}")
     return list(ids.values())
 
@@ -402,8 +403,9 @@ def active_jobs(job_ids: list[str]) -> set[str]:
 
 def queued_runs(runs: list[Run]) -> dict[str, str]:
     """run key -> job id, for runs whose SLURM job is still queued or running: not to launch twice."""
-    jobs = {r.key: read_job(r).get("job_id") for r in runs if read_job(r).get("backend") in ("slurm", "submitit")}
-    jobs = {k: str(j) for k, j in jobs.items() if j}
+    records = {r.key: read_job(r) for r in runs}
+    jobs = {k: str(job["job_id"]) for k, job in records.items()
+            if job.get("backend") in ("slurm", "submitit") and job.get("job_id")}
     active = active_jobs(list(jobs.values())) if jobs else set()
     return {k: j for k, j in jobs.items() if j.split("_")[0] in active}
 

@@ -2,7 +2,7 @@
 plots (PNG). Runs that failed, are still running or were never launched are listed, never dropped."""
 import csv
 import json
-import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -10,6 +10,7 @@ from typing import Optional
 from src.algo.base import RESULTS_FILE
 from src.sweep.backends import EXIT_FILE, LOG_FILE, active_jobs, read_job
 from src.sweep.experiment import DECLARATION_FILE, DEFAULT_ROOT, Experiment, Run, SweepError, load_experiment
+from src.utils.io import save_text
 
 LOG_TAIL_LINES = 15
 
@@ -73,10 +74,7 @@ def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
     """Mean and sample standard deviation (n - 1); the std is None for a single value."""
     if not values:
         return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 @dataclass
@@ -281,5 +279,5 @@ def collect(spec: str, root: Optional[Path] = None, target: Optional[float] = No
     report += [f"![{p.stem}]({p.name})" for p in images] + [""]
     report.append(problems_section(records))
     path = out_dir / "report.md"
-    path.write_text("\n".join(report).rstrip() + "\n")
+    save_text("\n".join(report).rstrip() + "\n", path)
     return path, records
