@@ -7,8 +7,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
+import src.hydra_hooks  # noqa: F401  (registers the ${pid:} resolver, as train.py does)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "config")
+# logger.mode follows WANDB_MODE: tests never log to W&B (nor pay its start-up), whatever the shell sets
+os.environ["WANDB_MODE"] = "disabled"
 
 
 @pytest.fixture
@@ -30,7 +34,7 @@ def fmnist_root(tmp_path_factory):
 
 def run_train(run_dir: Path, *overrides: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python train.py ...` as a user types it, in its own process, writing into run_dir."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

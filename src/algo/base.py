@@ -1,5 +1,6 @@
 """Algo: the interface train.py drives. fit() wraps _fit(): it saves a resume checkpoint whenever
-training stops early (exception, SIGTERM, SIGINT) and the results when it completes."""
+training stops early (exception, SIGTERM, SIGINT) and the results when it completes; a run that
+diverged saves results marked `diverged` and no checkpoint."""
 import logging
 import signal
 import threading
@@ -20,15 +21,30 @@ class TrainingInterrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
+class TrainingDiverged(Exception):
+    """Training produced non-finite numbers in round `round` (1-based, as in metrics.jsonl)."""
+
+    def __init__(self, round_idx: int, message: str):
+        self.round = round_idx
+        super().__init__(message)
+
+
 class Algo(ABC):
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self._stop_signal: int | None = None
+        self.diverged_round: int | None = None
 
     def fit(self) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         handlers = self._install_signal_handlers()
         try:
             self._fit()
+        except TrainingDiverged as e:
+            # no checkpoint of the diverged state: the last good resume.pt stays
+            self.diverged_round = e.round
+            self.save_result()
+            raise
         except BaseException:
             self.save_checkpoint()
             log.warning("training stopped early; resume checkpoint saved to %s", self.checkpoint_path)

@@ -24,6 +24,10 @@ Choices the paper leaves open, and where this implementation departs from the au
 - FedProx (and any client that anchors at `received["global_state"]`, e.g. FedDyn): every client of
   the chain receives the global model the superclient received, so its anchor is that model, not
   the weights handed over by the previous client; the weights themselves are not reloaded.
+- FedDyn: the server counts clients, not superclients (its m), and a superclient sends the sum of
+  its clients' gradient-state changes, so h stays the mean of every client's state and FedDyn
+  keeps its fixed point. Updated from the superclients' models alone, h is not that mean, and a toy
+  (tests/test_feddyn.py) settled at 3.5 where the optimum is 2.
 - Passes. Pass p > 0 draws its batches from a stream of its own (Client.client_update's
   `stream`); pass 0 uses the batches FedAvg would. The round index given to the clients (LR schedule position, persisted state) is
   the real round. Within a round a client's persisted state is staged until the round ends, so with
@@ -214,8 +218,6 @@ class FedSeq(FedBase):
             raise ConfigError([f"clients.num_per_round: FedSeq samples superclients, and {c.num_per_round} per round "
                                f"is more than the {len(groups)} superclients made from {len(self.clients)} clients: "
                                "lower it or use clients.per_round"])
-        # the server aggregates superclients: it counts them as its clients (FedDyn's m)
-        self.server.attach(self.setup.param_names, len(groups))
         log.info("FedSeq: %d superclients from %d clients (%s grouping, %s), %s samples each",
                  len(groups), len(self.clients), self.grouping,
                  "random" if self.grouping == "random" else f"{self.representation} / {self.measure}",
@@ -252,7 +254,7 @@ class FedSeq(FedBase):
         self.server.aggregate(self.superclient_updates(selected))
 
     def superclient_updates(self, superclients: list[Superclient]):
-        """Train each superclient's chain, yielding one update per superclient as it is ready."""
+        """Train each superclient's chain, yielding one update per admitted superclient as it is ready."""
         for sc in superclients:
             received = self.server.send_data()
             loss_sum = torch.zeros((), device=self.device)
@@ -270,8 +272,8 @@ class FedSeq(FedBase):
                     payloads.append(last.extra)
             update = ClientUpdate(last.state, sc.num_samples, loss_sum, seen, last.ema_state,
                                   self.merge_payloads(payloads))
-            self.account(update)
-            yield update
+            if self.admit(update, sc.clients, f"superclient {sc.index} (clients {sc.client_ids})"):
+                yield update
 
     def hand_over(self, client: Client, received: dict, first: bool) -> None:
         """The first client of a superclient loads the global weights; the others get the same
@@ -282,11 +284,22 @@ class FedSeq(FedBase):
             client.received = received
 
     def merge_payloads(self, payloads: list[Optional[dict]]) -> Optional[dict]:
-        """One server payload from those of the superclient's clients. Clients that send none
-        (FedAvg, FedProx, FedDyn) are supported; a subclass combining FedSeq with an algorithm whose
-        clients send one (e.g. SCAFFOLD's control change) defines how they add up."""
+        """One server payload from those of the superclient's clients (in training order, pass after
+        pass). Clients that send none (FedAvg, FedProx) are supported, and so are clients whose
+        payload is a change of their own persisted state that the server sums (`payload_adds_up`,
+        FedDyn's): the superclient sends the sum over its clients' last pass, whose state is the one
+        committed. A subclass combining FedSeq with an algorithm whose clients send another kind
+        (SCAFFOLD's option II control change assumes the client started from the global model)
+        defines how they add up."""
         if all(p is None for p in payloads):
             return None
+        if getattr(type(self.clients[0]), "payload_adds_up", False):
+            last_pass = payloads[len(payloads) - len(payloads) // self.superclient_passes:]
+            total = {key: {n: t.clone() for n, t in part.items()} for key, part in last_pass[0].items()}
+            for payload in last_pass[1:]:
+                for key, part in total.items():
+                    torch._foreach_add_(list(part.values()), [payload[key][n] for n in part])
+            return total
         raise UserError(f"algo.client ({type(self.clients[0]).__name__}) sends the server a payload "
                         f"({sorted(next(p for p in payloads if p is not None))}), and FedSeq does not know how to "
                         "merge those of a superclient's clients: use a client without one, or subclass FedSeq and "
@@ -304,7 +317,18 @@ class FedSeq(FedBase):
         groups = None if self._superclients is None else [s.client_ids for s in self._superclients]
         return {**super().state_dict(), "superclients": groups, "pretrain_time_s": self.pretrain_time_s}
 
+    def check_state(self, state: dict) -> None:
+        super().check_state(state)
+        groups = state.get("superclients")
+        ids = [k for g in groups for k in g] if isinstance(groups, list) and all(isinstance(g, list) for g in groups) else None
+        if groups is not None and (ids is None or len(set(ids)) != len(ids)
+                                   or not all(isinstance(k, int) and 0 <= k < len(self.clients) for k in ids)):
+            raise UserError(f"the resume checkpoint's superclients do not group this run's {len(self.clients)} "
+                            "clients: it was written by another run. Pass resume= a checkpoint of this run, or start "
+                            "afresh in a new directory (hydra.run.dir=NEW_DIR). Nothing was changed.")
+
     def load_state_dict(self, state: dict) -> None:
+        self.check_state(state)  # before _set_groups writes superclients.json
         groups = state.get("superclients")
         if groups is not None:
             groups = [[int(k) for k in g] for g in groups]
@@ -312,7 +336,7 @@ class FedSeq(FedBase):
                 log.warning("FedSeq: the superclients built here differ from the checkpoint's; continuing "
                             "with the checkpoint's")
             self.pretrain_time_s = state.get("pretrain_time_s")
-            self._set_groups(groups)  # before the server state: attach() comes first
+            self._set_groups(groups)
         super().load_state_dict(state)
 
     def results(self) -> dict:

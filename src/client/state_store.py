@@ -36,7 +36,13 @@ class ClientStateStore:
         self.where, self.device, self.directory = where, device, Path(directory)
         self._committed: dict[int, dict] = {}  # device and host stores
         self._pending: dict[int, dict] = {}
-        if where == "disk":  # leftovers of an earlier attempt: the resume checkpoint is the truth
+
+    def reset(self) -> None:
+        """Start empty. The disk store removes leftovers of an earlier attempt (the resume checkpoint
+        is the truth): called only once the run is accepted, never by a refused start."""
+        self._pending.clear()
+        self._committed.clear()
+        if self.where == "disk":
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def _file(self, client_id: int, pending: bool = False) -> Path:
@@ -56,6 +62,11 @@ class ClientStateStore:
         else:
             self._pending[client_id] = copy_to(state, self.device if self.where == "device" else "cpu")
 
+    def discard(self, client_id: int) -> None:
+        """Forget what the client staged this round (a dropped client's round does not count)."""
+        if self._pending.pop(client_id, None) is not None and self.where == "disk":
+            self._file(client_id, pending=True).unlink(missing_ok=True)
+
     def commit(self) -> None:
         for client_id, state in self._pending.items():
             if self.where == "disk":
@@ -74,10 +85,7 @@ class ClientStateStore:
         return {str(i): copy_to(self.get(i), "cpu") for i in self.client_ids()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._pending.clear()
-        self._committed.clear()
-        if self.where == "disk":
-            shutil.rmtree(self.directory, ignore_errors=True)
+        self.reset()
         for client_id, client_state in state.items():
             self.put(int(client_id), client_state)
         self.commit()

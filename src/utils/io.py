@@ -1,6 +1,7 @@
 """Atomic writes and safe loads for everything the run directory holds."""
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ def save_torch(obj: Any, path: Path) -> None:
 
 
 def save_json(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    """Strict JSON: a NaN or infinity is an error here, never a file other readers reject."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_text(text: str, path: Path) -> None:
@@ -52,9 +55,23 @@ def load_torch(path: Path, map_location: Any = "cpu") -> Any:
         raise UserError(f"checkpoint {path} does not exist: check the path given to resume=")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):   # not a refused class: a damaged or foreign file
+            raise UserError(_unreadable(path, e)) from None
         raise UserError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "It is corrupt or not a checkpoint of this framework: move it away to start afresh, "
-            "or pass resume=PATH with a good checkpoint. The file was left untouched."
-        ) from None
+            f"checkpoint {path} is refused: it holds Python objects that only a full unpickling could rebuild, "
+            "and loading it that way could execute code hidden in the file. Only checkpoints written by this "
+            "framework (tensors and plain containers) are loaded. The file was left untouched.") from None
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise UserError(_unreadable(path, e)) from None
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    # torch's own advice (weights_only=False, filing an issue) is left out: it would run the file's code
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = next((line for line in lines if not any(
+        w in line for w in ("weights_only", "Please file", "Check the documentation"))), "")[:200]
+    size = path.stat().st_size
+    return (f"checkpoint {path} cannot be read ({type(e).__name__}{': ' + detail if detail else ''}"
+            f"{'; the file is empty' if size == 0 else ''}). It is corrupt or not a checkpoint of this framework: "
+            "move it away to start afresh, or pass resume=PATH with a good checkpoint. The file was left untouched.")
