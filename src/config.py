@@ -3,10 +3,14 @@ range, component that refuses its arguments) is collected and reported in one er
 
 Plain settings have typed schemas below; the `_target_` groups (algo, dataset, model, ...) are
 checked against their target's signature and then built once on dummy inputs, so each component's
-own argument checks (torch.optim's included) are reported here rather than mid-run."""
+own argument checks (torch.optim's included) are reported here rather than mid-run, naming the
+setting they refuse where one can be singled out."""
 import collections.abc
+import copy
+import functools
 import importlib
 import inspect
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -14,8 +18,10 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from src.client.client import TrainSetup
+from src.data.device_data import DeviceDataset
 from src.errors import ConfigError
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -61,9 +67,13 @@ class CheckpointSchema:
 @dataclass
 class Target:
     """A `_target_` group. `runtime` names the arguments the framework passes itself; `probe`
-    builds the component on dummy inputs (None: signature check only)."""
+    builds the component on dummy inputs (None: signature check only); `checks` are rules for
+    arguments that the targets' annotations do not express (they replace the annotation's check);
+    `nested` the specs of nested `_target_` nodes, by key."""
     runtime: tuple[str, ...] = ()
     probe: Optional[Callable[[DictConfig, DictConfig], Any]] = None
+    checks: dict[str, dict] = field(default_factory=dict)
+    nested: dict[str, "Target"] = field(default_factory=dict)
 
 
 def _probe_model(node, cfg):
@@ -78,6 +88,31 @@ def _probe_optimizer(node, cfg):
     return instantiate(node)([torch.zeros(1, requires_grad=True)])
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# torch.optim indexes betas without checking their number (a short list fails with an IndexError)
+OPTIMIZER_CHECKS = {"betas": check(
+    lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+    "two numbers in [0, 1), e.g. [0.9, 0.999]")}
+
+
+def _probe_client(node, cfg):
+    """The algorithm's client class (a `_partial_` target) on a one-sample setup with the run's
+    optimizer, so that its constructor's own checks run, those against the optimizer included."""
+    try:
+        _probe_optimizer(cfg.optimizer, cfg)
+        optimizer = instantiate(cfg.optimizer)
+    except Exception:  # the optimizer group reports its own problem
+        optimizer = functools.partial(torch.optim.SGD, lr=0.1)
+    one = torch.zeros(1, dtype=torch.long)
+    setup = TrainSetup(model=torch.nn.Linear(1, 2), data=DeviceDataset(torch.zeros(1, 1), one, 2),
+                       loss_fn=torch.nn.CrossEntropyLoss(), optimizer=optimizer,
+                       batch_size=1, local_epochs=1, local_steps=None, seed=0)
+    return instantiate(node)(0, one, setup)
+
+
 @dataclass
 class RunSchema:
     name: str
@@ -88,14 +123,16 @@ class RunSchema:
     eval_batch_size: int = field(metadata=check(lambda v: v >= 1, ">= 1"))
     tta: Literal["none", "hflip"]
     resume: Optional[str]
+    on_nonfinite: Literal["drop", "fail"]
     clients: ClientsSchema
     client: ClientSchema
     checkpoint: CheckpointSchema
-    algo: Target = field(default_factory=lambda: Target(("cfg", "run_dir")))
+    algo: Target = field(default_factory=lambda: Target(
+        ("cfg", "run_dir"), nested={"client": Target(("client_id", "indices", "setup"), _probe_client)}))
     dataset: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
     model: Target = field(default_factory=lambda: Target(("in_shape", "num_classes"), _probe_model))
     partition: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
-    optimizer: Target = field(default_factory=lambda: Target(("params",), _probe_optimizer))
+    optimizer: Target = field(default_factory=lambda: Target(("params",), _probe_optimizer, OPTIMIZER_CHECKS))
     schedule: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
     loss: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
     logger: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
@@ -132,23 +169,48 @@ def _type_ok(value: Any, annotation: Any) -> bool | None:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
+    if _never_configured(annotation):
+        return False
     if origin in (list, tuple, collections.abc.Sequence) or annotation in (list, tuple):
         if not isinstance(value, (list, tuple, ListConfig)):
             return False
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        return all(_type_ok(v, args[0]) is not False for v in value) if len(args) == 1 else True
+        if len(args) == 1:
+            return all(_type_ok(v, args[0]) is not False for v in value)
+        if origin is tuple and args and Ellipsis not in typing.get_args(annotation):  # tuple[X, Y]: fixed length
+            return len(value) == len(args) and all(_type_ok(v, a) is not False for v, a in zip(value, args))
+        return True
     return None
 
 
+def _never_configured(annotation: Any) -> bool:
+    """A type no config value can be (torch.optim's `lr: float | Tensor`)."""
+    return isinstance(annotation, type) and issubclass(annotation, torch.Tensor)
+
+
 def _describe(annotation: Any) -> str:
-    if typing.get_origin(annotation) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_describe(a) for a in args if not _never_configured(a))
+    if origin is tuple and args and Ellipsis not in args:
+        return f"[{', '.join(_describe(a) for a in args)}]"
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _not_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, (list, tuple, ListConfig)) and any(_not_finite(v) for v in value)
 
 
 def _check_value(path: str, value: Any, annotation: Any, meta: dict, problems: list[str]) -> None:
     if _type_ok(value, annotation) is False:
         problems.append(f"{path}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}")
+    elif _not_finite(value):  # inf passes one-sided range checks (> 0), torch.optim's included
+        what = "a finite number" if isinstance(value, float) else "finite numbers"
+        problems.append(f"{path}: must be {what}, got {value!r}")
     elif value is not None and "check" in meta and not meta["check"](value):
         problems.append(f"{path}: must be {meta['requirement']}, got {value!r}")
 
@@ -203,9 +265,10 @@ def _check_target(node: Any, path: str, spec: Target, cfg: DictConfig, problems:
         elif key in spec.runtime:
             problems.append(f"{path}.{key}: set by the framework, remove it from the config")
         elif isinstance(node[key], DictConfig) and "_target_" in node[key]:
-            _check_target(node[key], f"{path}.{key}", NESTED_TARGET_PROBE, cfg, problems)
+            _check_target(node[key], f"{path}.{key}", spec.nested.get(key, NESTED_TARGET_PROBE), cfg, problems)
         elif key in params:
-            _check_value(f"{path}.{key}", node[key], hints.get(key, params[key].annotation), {}, problems)
+            annotation = Any if key in spec.checks else hints.get(key, params[key].annotation)
+            _check_value(f"{path}.{key}", node[key], annotation, spec.checks.get(key, {}), problems)
     partial = node.get("_partial_", False)
     for name, p in params.items():
         required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
@@ -214,9 +277,33 @@ def _check_target(node: Any, path: str, spec: Target, cfg: DictConfig, problems:
     if spec.probe is not None and len(problems) == before:
         try:
             spec.probe(node, cfg)
+        except ConfigError as e:  # a component that names the keys itself
+            problems.extend(e.problems)
         except Exception as e:  # the component's own argument checks
             cause = e.__cause__ or e
-            problems.append(f"{path}: {node._target_} refuses these settings: {cause}")
+            refused = _refused_keys(node, params, spec, cfg)
+            if len(refused) == 1:
+                key = refused[0]
+                problems.append(f"{path}.{key}: {node._target_} refuses {key}={node[key]!r}: {cause}")
+            else:
+                problems.append(f"{path}: {node._target_} refuses these settings: {cause}")
+
+
+def _refused_keys(node: DictConfig, params, spec: Target, cfg: DictConfig) -> list[str]:
+    """The settings whose return to their default alone lets the probe pass: the ones refused."""
+    refused = []
+    for key in node.keys():
+        if key in HYDRA_KEYS or key not in params or params[key].default is inspect.Parameter.empty:
+            continue
+        trial = copy.copy(node)  # keeps its parent: interpolations still resolve
+        with open_dict(trial):
+            del trial[key]
+        try:
+            spec.probe(trial, cfg)
+        except Exception:
+            continue
+        refused.append(key)
+    return refused
 
 
 def validate(cfg: DictConfig) -> None:

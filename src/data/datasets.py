@@ -16,6 +16,8 @@ from src.errors import UserError
 log = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# dataset.augment, batched on the device: random crop with 4-pixel padding and/or horizontal flip.
+AUGMENT_MODES = ("none", "flip", "crop", "crop_flip")
 
 
 class Dataset(ABC):
@@ -40,10 +42,22 @@ class TorchvisionImages(Dataset):
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __init__(self, root: str = "data", download: bool = True, augment: bool = False):
+    def __init__(self, root: str = "data", download: bool = True, augment: bool | str = False):
         self.root = Path(root)
         self.download = download
-        self.augment = augment
+        self.augment = self._augment_mode(augment)
+
+    def _augment_mode(self, augment: bool | str) -> str:
+        """`augment` as one of AUGMENT_MODES; true is the dataset's usual recipe (crop, and flip
+        where a mirror image keeps its label), false is none."""
+        if isinstance(augment, bool):
+            return ("crop_flip" if self.flip_invariant else "crop") if augment else "none"
+        if augment not in AUGMENT_MODES:
+            raise ValueError(f"augment={augment!r}: use one of {', '.join(AUGMENT_MODES)} (or true/false)")
+        if "flip" in augment and not self.flip_invariant:
+            raise ValueError(f"augment={augment}: {type(self).__name__} is not flip-invariant (a mirrored "
+                             "image can change its label): use augment=crop or none")
+        return augment
 
     @abstractmethod
     def _torchvision_split(self, train: bool, download: bool):
@@ -67,11 +81,21 @@ class TorchvisionImages(Dataset):
             data = data.permute(0, 3, 1, 2)
         return _normalise(data, self.mean, self.std), torch.as_tensor(np.asarray(split.targets), dtype=torch.long)
 
+    def _check_root(self) -> None:
+        """A root that is (or lies under) a file cannot hold the dataset: say so, rather than blame
+        the dataset's files."""
+        root = self.root.resolve()
+        existing = next(p for p in (root, *root.parents) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"dataset.root={self.root}: {existing} is a file, not a directory. Point dataset.root "
+                            "at a directory (it is created if missing), e.g. dataset.root=data.")
+
     def load(self, device: torch.device) -> FederatedData:
+        self._check_root()
         (x_tr, y_tr), (x_te, y_te) = self._tensors(self._open(True)), self._tensors(self._open(False))
         pad = ((0.0 - torch.tensor(self.mean)) / torch.tensor(self.std))
-        crop = 4 if self.augment else 0
-        train = DeviceDataset(x_tr, y_tr, self.num_classes, crop, self.augment and self.flip_invariant, pad)
+        crop = 4 if self.augment in ("crop", "crop_flip") else 0
+        train = DeviceDataset(x_tr, y_tr, self.num_classes, crop, self.augment in ("flip", "crop_flip"), pad)
         test = DeviceDataset(x_te, y_te, self.num_classes)
         return FederatedData(train.to(device), test.to(device), tuple(x_tr.shape[1:]), self.flip_invariant)
 
@@ -89,7 +113,7 @@ class CIFAR10(TorchvisionImages):
     num_classes, in_shape, flip_invariant = 10, (3, 32, 32), True
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
-    def __init__(self, root: str = "data", download: bool = True, augment: bool = True):
+    def __init__(self, root: str = "data", download: bool = True, augment: bool | str = True):
         super().__init__(root, download, augment)
 
     def _torchvision_split(self, train, download):

@@ -33,18 +33,20 @@ class SweepError(UserError):
 class Run:
     experiment: str
     name: str
-    seed: int
+    seed: Optional[int]   # None: unknown (collect met a run directory whose config cannot be read)
     overrides: tuple[str, ...]
     run_dir: Path
 
     @property
     def key(self) -> str:
-        return f"{self.name}/seed{self.seed}"
+        return self.name if self.seed is None else f"{self.name}/seed{self.seed}"
 
     def train_args(self) -> list[str]:
         """train.py's arguments. The run directory is fixed, so a requeued or re-launched job
-        finds its own resume.pt (src/run.py continues from it)."""
-        return [*self.overrides, f"seed={self.seed}", f"hydra.run.dir={hydra_value(str(self.run_dir))}"]
+        finds its own resume.pt (src/run.py continues from it). W&B names the run <run>/seed<S> in the
+        group <experiment>/<run> (before the overrides, so that the experiment's own values win)."""
+        return [override("logger.name", self.key), override("logger.group", f"{self.experiment}/{self.name}"),
+                *self.overrides, f"seed={self.seed}", f"hydra.run.dir={hydra_value(str(self.run_dir))}"]
 
 
 @dataclass
@@ -207,6 +209,7 @@ def compose_run(overrides: list[str]):
 def check_runs(runs: list[Run]) -> None:
     """Compose and validate every distinct run with Hydra's compose API; raise one SweepError naming
     each run and what is wrong with it."""
+    from src.cli import unknown_keys_message
     from src.config import validate
 
     problems: dict[str, list[str]] = {}   # message -> the runs it concerns
@@ -217,13 +220,11 @@ def check_runs(runs: list[Run]) -> None:
             if run.overrides in checked:   # seeds share a config shape: one check per variant
                 continue
             checked.add(run.overrides)
+            overrides = [*run.overrides, f"seed={run.seed}"]
             try:
-                validate(compose_run([*run.overrides, f"seed={run.seed}"]))
+                validate(compose_run(overrides))
             except (HydraException, OmegaConfBaseException, UserError) as e:
-                message = str(e).strip()
-                if "Could not override" in message:   # Hydra suggests appending it with '+': rarely meant
-                    message = message.splitlines()[0] + " The config has no such key: check its spelling " \
-                        "(`python train.py --cfg job` shows every key)."
+                message = unknown_keys_message(e, overrides) or str(e).strip()
                 problems.setdefault(message.replace("\n", "\n      "), []).append(f"{run.experiment}/{run.name}")
     if problems:   # a bad shared override is reported once, with the runs it spoils
         raise SweepError([f"run {runs[0]}: {message}" if len(runs) == 1 else
