@@ -136,7 +136,6 @@ def test_batchnorm_buffers_are_averaged_not_optimized_and_a_warning_is_logged(ca
     torch.testing.assert_close(s.global_state["1.weight"], torch.full((2,), 1 + step))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="src.server.fedopt"):
-        s.attach(params, num_clients=10)  # once per server
         start(FedOptServer("adam", lr=0.1), nn.Linear(2, 2).state_dict(), ["weight", "bias"])  # no BatchNorm, no warning
     assert caplog.text == ""
 

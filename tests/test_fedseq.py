@@ -217,6 +217,22 @@ def test_each_pass_shuffles_the_chain_and_draws_new_batches(compose_cfg, tmp_pat
         assert len(xs) == 3 and not torch.equal(xs[0], xs[1]) and not torch.equal(xs[1], xs[2])
 
 
+@pytest.mark.parametrize("passes", [1, 2])
+def test_feddyn_h_stays_the_mean_of_every_clients_gradient_state(passes, compose_cfg, tmp_path):
+    """FedSeq + FedDyn: h = (1/m) sum_k g_k over all m clients, not superclients (g_k = 0 for a
+    client never trained). With two passes only the last pass's change counts, as only its
+    staged state is committed."""
+    settings = [s for s in SMALL if s != "algo=fedseq"]
+    algo = build_algo(compose_cfg, tmp_path, *settings, "algo=fedseq_feddyn", "num_rounds=3",
+                      f"algo.superclient_passes={passes}")
+    algo.fit()
+    store, m = algo.setup.store, len(algo.clients)
+    assert 1 < len(algo.superclients) < m and len(store.client_ids()) > len(algo.superclients)
+    for name, h in algo.server.h.items():
+        total = sum(store.get(i)["grad_state"][name] for i in store.client_ids())
+        torch.testing.assert_close(h, total / m)
+
+
 # ---- resume and train.py ------------------------------------------------------------------------
 def test_resume_bit_for_bit(compose_cfg, tmp_path):
     settings = [*SMALL, "num_rounds=3", "eval_every=1", "algo.superclient_passes=2", "algo.prox_mu=0.01",

@@ -10,7 +10,12 @@ Server, over the participants P_t of m clients:
     theta^t = 1/|P_t| sum_{k in P_t} theta_k^t - h^t / alpha                     (line 10)
 Unlike the FedSeq reference code, the linear term is built from the live parameters (so it has a
 gradient, -g_k) and g_k changes only at the end of the round. alpha is the server's setting and
-reaches the clients with the model; g_k lives in the per-client state store."""
+reaches the clients with the model; g_k lives in the per-client state store.
+
+Each client sends the change of its g_k, and line 9 is h^t = h^{t-1} + 1/m sum_k (change of g_k),
+so h stays the mean of all m clients' g_k, on which line 10's fixed point rests. Under FedSeq a
+superclient sends the sum of its clients' changes and m counts clients, not superclients; each
+client's anchor is the global model its superclient received."""
 from typing import Iterable, Optional
 
 import torch
@@ -22,6 +27,7 @@ from src.server.fedavg import WeightedMean
 
 class FedDynClient(Client):
     anchor = grad_state = None  # per-round, from begin_round to end_round
+    payload_adds_up = True  # a change of the client's own g_k: FedSeq sums those of a superclient
 
     def begin_round(self, state: dict) -> None:
         names = self.setup.param_names
@@ -38,12 +44,15 @@ class FedDynClient(Client):
         base = super().penalty()
         return term if base is None else base + term
 
-    def end_round(self, state: dict) -> None:
-        # theta_k as the server sees it (the EMA with client.ema.send=ema), so h stays the mean of g_k
-        moved = torch._foreach_sub([self.setup.sent_state[n] for n in self.setup.param_names], self.anchor)
-        torch._foreach_add_(self.grad_state, moved, alpha=-self.alpha)
-        state["grad_state"] = dict(zip(self.setup.param_names, self.grad_state))
+    def end_round(self, state: dict) -> dict:
+        names = self.setup.param_names
+        # theta_k as the server sees it (the EMA with client.ema.send=ema)
+        change = torch._foreach_sub([self.setup.sent_state[n] for n in names], self.anchor)
+        torch._foreach_mul_(change, -self.alpha)
+        torch._foreach_add_(self.grad_state, change)
+        state["grad_state"] = dict(zip(names, self.grad_state))
         self.anchor = self.grad_state = None
+        return {"grad_change": dict(zip(names, change))}
 
 
 class FedDynServer(CenterServer):
@@ -61,17 +70,15 @@ class FedDynServer(CenterServer):
 
     def aggregate(self, updates: Iterable[ClientUpdate]) -> None:
         mean = WeightedMean(self.global_state)
-        participants = 0
+        names = self.param_names
+        change = [torch.zeros_like(self.h[n]) for n in names]
         for update in updates:
             mean.add(update.state, 1.0)
-            participants += 1
+            torch._foreach_add_(change, [update.extra["grad_change"][n] for n in names])
         if (averaged := mean.result()) is None:
             return
-        names = self.param_names
         h = [self.h[n] for n in names]
-        # sum_k (theta_k - theta^{t-1}) = |P| (mean - theta^{t-1})
-        moved = torch._foreach_sub([averaged[n] for n in names], [self.global_state[n] for n in names])
-        torch._foreach_add_(h, moved, alpha=-self.alpha * participants / self.num_clients)
+        torch._foreach_add_(h, change, alpha=1.0 / self.num_clients)  # -alpha/m sum_k (theta_k - theta^{t-1})
         state = dict(averaged)
         state.update(zip(names, torch._foreach_add([averaged[n] for n in names], h, alpha=-1.0 / self.alpha)))
         self.global_state = state

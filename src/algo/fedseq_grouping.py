@@ -9,8 +9,11 @@ clients. The FedSeq algorithm then trains the clients of a superclient sequentia
 
 Details the paper leaves open follow the authors' code (github.com/RickZack/FedSeq): a group's
 representation is the sample-weighted mean of its clients' (so with label histograms it is exactly
-the group's label distribution); "gini" is the Gini impurity 1 - sum p^2; k-means uses k = C by
-default; a last group short of `min_examples` is spread over groups that still have room.
+the group's label distribution); "gini" is the Gini impurity 1 - sum p^2; "cosine" is their
+`cosine_diff`, the dissimilarity 1 - cos(group, candidate) between the group and a candidate
+(not a closeness to uniform: cos(p, u) would rank candidates exactly as Gini does, both
+decreasing in ||p||); k-means uses k = C by default; a last group short of `min_examples` is
+spread over groups that still have room.
 
 Everything is a pure function of its inputs and the passed RNG: numpy Generator for grouping,
 torch Generator for pre-training.
@@ -28,6 +31,7 @@ from torch.func import functional_call, vmap
 Measure = Literal["kl", "gini", "cosine"]
 Method = Literal["random", "greedy", "kmeans"]
 MEASURES = ("kl", "gini", "cosine")
+UNIFORMITY_MEASURES = ("kl", "gini")
 METHODS = ("random", "greedy", "kmeans")
 
 
@@ -149,13 +153,12 @@ def pretrain_confidence(make_model: Callable[[], nn.Module], x: torch.Tensor, y:
         return probs.gather(2, true).squeeze(2)
 
 
-# ---------------------------------------------------------------- measures of uniformity
+# ---------------------------------------------------------------- greedy criteria (Sec. 3)
 
-def similarity_to_uniform(p: np.ndarray, measure: Measure = "kl") -> np.ndarray:
+def similarity_to_uniform(p: np.ndarray, measure: Literal["kl", "gini"] = "kl") -> np.ndarray:
     """How close distribution(s) p [..., C] are to uniform; higher is closer. Sec. 3's criteria:
     "kl":     1 - KL(p || u) = 1 - sum_c p_c log(C p_c)   (1 at uniform; 0 log 0 = 0),
-    "gini":   Gini impurity 1 - sum_c p_c^2              (1 - 1/C at uniform, 0 for one class),
-    "cosine": cos(p, u) = sum_c p_c / (sqrt(C) ||p||)     (1 at uniform)."""
+    "gini":   Gini impurity 1 - sum_c p_c^2              (1 - 1/C at uniform, 0 for one class)."""
     p = np.asarray(p, dtype=np.float64)
     num_classes = p.shape[-1]
     if measure == "kl":
@@ -163,10 +166,16 @@ def similarity_to_uniform(p: np.ndarray, measure: Measure = "kl") -> np.ndarray:
         return 1.0 - terms.sum(-1)
     if measure == "gini":
         return 1.0 - (p ** 2).sum(-1)
-    if measure == "cosine":
-        norm = np.linalg.norm(p, axis=-1)
-        return p.sum(-1) / (np.sqrt(num_classes) * np.where(norm > 0, norm, 1.0))
-    raise ValueError(f"unknown measure {measure!r}: choose one of {MEASURES}")
+    raise ValueError(f"unknown measure {measure!r}: choose one of {UNIFORMITY_MEASURES}")
+
+
+def cosine_dissimilarity(group: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """1 - cos(group, candidate) for a group vector [C] and candidates [..., C] (the authors'
+    `cosine_diff`): 0 for a candidate like the group, 1 for one orthogonal to it (a zero vector
+    counts as orthogonal)."""
+    group, candidates = np.asarray(group, np.float64), np.asarray(candidates, np.float64)
+    norms = np.linalg.norm(group) * np.linalg.norm(candidates, axis=-1)
+    return 1.0 - (candidates @ group) / np.where(norms > 0, norms, np.inf)
 
 
 def group_distributions(representation: np.ndarray, sizes: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
@@ -225,16 +234,23 @@ def _random_order(num_clients: int, rng: np.random.Generator) -> Callable[[list[
 
 
 def _greedy_order(representation: np.ndarray, sizes: np.ndarray, measure: Measure) -> Callable[[list[int]], int]:
-    """Greedy heterogeneous choice: add the remaining client that makes the group's weighted mean most
-    uniform under `measure`. For an empty group the mean is the candidate's own vector, so every
-    group starts from the client closest to uniform (its "uniform representer")."""
+    """Greedy heterogeneous choice. "kl", "gini": add the remaining client that makes the group's
+    weighted mean most uniform; for an empty group the mean is the candidate's own vector, so every
+    group starts from the client closest to uniform (its "uniform representer"). "cosine": add the
+    client least like the group (largest 1 - cos(group mean, candidate)); an empty group counts as
+    uniform, as in the authors' code, so every group starts from the client least like uniform."""
     free = np.ones(len(sizes), dtype=bool)
     weighted = representation * sizes[:, None]
+    uniform = np.full(representation.shape[1], 1.0 / representation.shape[1])
 
     def pick(current: list[int]) -> int:
         cand = np.flatnonzero(free)
-        mean = (weighted[current].sum(0) + weighted[cand]) / (sizes[current].sum() + sizes[cand])[:, None]
-        k = int(cand[np.argmax(similarity_to_uniform(mean, measure))])  # first index on ties
+        if measure == "cosine":  # the direction of the weighted sum is the group mean's
+            score = cosine_dissimilarity(weighted[current].sum(0) if current else uniform, representation[cand])
+        else:
+            mean = (weighted[current].sum(0) + weighted[cand]) / (sizes[current].sum() + sizes[cand])[:, None]
+            score = similarity_to_uniform(mean, measure)
+        k = int(cand[np.argmax(score)])  # first index on ties
         free[k] = False
         return k
     return pick
@@ -292,8 +308,10 @@ def make_superclients(representation: np.ndarray, sizes: np.ndarray, method: Met
 
     representation: [num_clients, C], e.g. `label_histogram` or `confidence_vectors`;
     sizes: [num_clients] sample counts (>= 1).
-    method: "random" (seeded shuffle), "greedy" (most uniform weighted mean under `measure`), or
-    "kmeans" (round-robin over `num_clusters` k-means clusters, default C).
+    method: "random" (seeded shuffle), "greedy" (next the client that keeps the group's weighted
+    mean most uniform under `measure` "kl" or "gini", or with `measure` "cosine" the one least like
+    the group; see `_greedy_order`), or "kmeans" (round-robin over `num_clusters` k-means clusters,
+    default C).
     Groups are filled in that order and closed at >= min_examples samples or max_clients clients, so
     every group holds at most max_clients clients and at least min_examples samples, except (a) a
     group that reached max_clients first (clients too small for min_examples) and (b) the single

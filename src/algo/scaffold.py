@@ -12,12 +12,24 @@ so under partial participation c moves by |S|/N of the mean control change. The 
 enters as the loss term <c - c_i, y>, whose gradient is exactly c - c_i; K eta_l is the sum of the
 step sizes taken, which equals K eta_l with a constant LR (under fp16 a step the loss scaler skips
 still counts). y is what the client sends (its EMA with client.ema.send=ema), so client and server
-controls see the same model. Client controls live in the per-client state store."""
+controls see the same model. Client controls live in the per-client state store.
+
+Option II assumes plain SGD steps. Under heavy-ball momentum beta (torch.optim.SGD, Nesterov or
+not) a gradient keeps moving the weights after its own step, by up to eta_l / (1 - beta) in all, so
+K eta_l becomes K eta_l / (1 - beta) here. Left at K eta_l, the controls overestimate the mean
+gradient by r, the true step sum over K eta_l, and c_i+ - (c_i - c) = r (mean gradient - (c_i - c))
+overshoots and diverges once r > 2 (fresh buffers, beta = 0.9: from K = 4 steps on); with the
+bound, r <= 1 and c - c_i still tends to the right correction, only more slowly. Measured on the
+toy of tests/toy.py (4 clients, 30 rounds, beta 0.5 and 0.9, K = 2, 5, 20, with and without
+client.persist_optimizer): K eta_l diverges for beta = 0.9 and K >= 5 (loss 1.3 -> 278 at K = 5,
+lr 0.1), the bound converges in every case. An adaptive optimizer (Adam) has no such step, so
+option II refuses it; option I holds for any optimizer."""
 from typing import Iterable, Literal, Optional
 
 import torch
 
 from src.client.client import Client, ClientUpdate
+from src.errors import ConfigError
 from src.server.base import CenterServer
 from src.server.fedavg import WeightedMean
 
@@ -28,6 +40,7 @@ class ScaffoldClient(Client):
         if option not in ("I", "II"):
             raise ValueError(f"SCAFFOLD's control update option must be 'I' or 'II', got {option!r}")
         self.option = option
+        self.momentum_gain = momentum_gain(setup.optimizer) if option == "II" else 1.0
         self.c_i = self.correction = self.full_gradient = None  # per-round, from begin_round to end_round
 
     def begin_round(self, state: dict) -> None:
@@ -60,15 +73,29 @@ class ScaffoldClient(Client):
         names = self.setup.param_names
         if self.option == "I":
             new = self.full_gradient
-        else:  # c_i - c + (x - y) / (K eta_l), with c - c_i = correction
+        else:  # c_i - c + (x - y) (1 - beta) / (K eta_l), with c - c_i = correction
             x = [self.received["global_state"][n] for n in names]
             drift = torch._foreach_sub(x, [self.setup.sent_state[n] for n in names])  # y as the server sees it
-            torch._foreach_div_(drift, self.lr_sum)
+            torch._foreach_div_(drift, self.lr_sum * self.momentum_gain)
             new = torch._foreach_sub(drift, self.correction)
         state["control"] = dict(zip(names, new))
         change = dict(zip(names, torch._foreach_sub(new, [self.c_i[n] for n in names])))
         self.c_i = self.correction = self.full_gradient = None
         return {"control_change": change}
+
+
+def momentum_gain(make_optimizer) -> float:
+    """1 / (1 - beta): how much further than eta_l heavy-ball momentum beta carries a gradient
+    (1 for plain SGD). ConfigError for an optimizer that is not SGD."""
+    optimizer = make_optimizer([torch.zeros(1, requires_grad=True)])
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise ConfigError([f"algo.client.option: SCAFFOLD's option II control update (x - y) / (K lr) needs SGD "
+                           f"local steps, and {type(optimizer).__name__} is not SGD: use algo.client.option=I (a "
+                           "gradient pass at the server model, right for any optimizer) or optimizer=sgd"])
+    beta = optimizer.defaults["momentum"]
+    if not 0 <= beta < 1:
+        raise ConfigError([f"optimizer.momentum: must be in [0, 1) for SCAFFOLD's option II, got {beta}"])
+    return 1.0 / (1.0 - beta)
 
 
 class ScaffoldServer(CenterServer):

@@ -68,10 +68,9 @@ class FedOptServer(FedAvgServer):
     def attach(self, param_names: list[str], num_clients: int) -> None:
         """The optimizer moves the parameters, from m_{-1} = 0 and v_{-1} = tau^2; the other
         floating-point entries (BatchNorm statistics) are averaged as FedAvg averages them."""
-        first = not self.m  # FedSeq attaches again with its superclient count: warn once
         super().attach(param_names, num_clients)  # m starts at zero
         buffers = [k for k, t in self.global_state.items() if t.is_floating_point() and k not in set(param_names)]
-        if buffers and first:
+        if buffers:
             log.warning("%s: the model has floating-point buffers (%s, e.g. BatchNorm running statistics); the "
                         "server optimizer cannot move them, so they are only averaged. Prefer GroupNorm "
                         "(model.norm=group for resnet20).", type(self).__name__, ", ".join(buffers[:3]))
