@@ -6,6 +6,7 @@
     python experiment_runner.py run playbook --backend slurm --cluster FILE --dry-run   # only write scripts
     python experiment_runner.py run playbook --backend submitit --cluster FILE --set time=04:00:00
     python experiment_runner.py collect playbook                             # report.md, CSVs, PNGs
+    python experiment_runner.py collect multirun/fedavg_fashion_mnist        # or outputs/...: ad-hoc runs
 
 An experiment is experiments/NAME.yaml (or any yaml path); see README.md, "Sweeps"."""
 import argparse
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
     run.add_argument("--wait", action="store_true", help="slurm/submitit: wait for the jobs, then collect")
 
     collect = commands.add_parser("collect", help="tables and plots of an experiment's runs")
-    collect.add_argument("experiment", help="a name from experiments/, a yaml file, or a results folder")
+    collect.add_argument("experiment", help="a name from experiments/, a yaml file, a results folder, or a folder "
+                         "of run directories (outputs/..., multirun/...)")
     collect.add_argument("--root", type=Path, help="results folder (default: results/)")
     collect.add_argument("--target", type=float, help="report the rounds to reach this test accuracy (e.g. 0.7)")
     args = parser.parse_args(argv)

@@ -5,14 +5,16 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import yaml
+from hydra.utils import instantiate
 
 from src.algo.base import RESULTS_FILE
 from src.sweep.backends import EXIT_FILE, LOG_FILE, load_slurm_options, slurm_minutes, submitit_parameters
-from src.sweep.collect import collect, mean_std
+from src.sweep.collect import RunRecord, accuracy_figure, collect, mean_std, summarize
 from src.sweep.experiment import Experiment, SweepError, hydra_value, load_experiment, run_name, save_declaration
 from src.sweep.runner import launch
 from tests.conftest import ROOT
@@ -30,7 +32,8 @@ def test_grids_times_seeds_give_the_runs(tmp_path):
     assert [r.key for r in runs] == [f"{n}/seed{s}" for n in names for s in (0, 1)]
     first = runs[0]
     assert first.run_dir == tmp_path.resolve() / "e" / "algo-fedavg_lr-0.1" / "seed0"
-    assert first.train_args() == ["num_rounds=3", "dataset=synthetic", "algo=fedavg", "optimizer.lr=0.1",
+    assert first.train_args() == ["logger.name=algo-fedavg_lr-0.1/seed0", "logger.group=e/algo-fedavg_lr-0.1",
+                                  "num_rounds=3", "dataset=synthetic", "algo=fedavg", "optimizer.lr=0.1",
                                   "seed=0", f"hydra.run.dir={first.run_dir}"]
     assert runs[-1].overrides == ("num_rounds=3", "dataset=synthetic", "algo=scaffold")
 
@@ -85,6 +88,40 @@ def test_a_bad_shared_override_is_reported_once_for_all_runs(tmp_path):
     assert "check its spelling" in str(e.value) and "+optimizer.lrr" not in str(e.value)
 
 
+def test_sweep_runs_are_named_and_grouped_in_wandb(compose_cfg, tmp_path, monkeypatch):
+    """A sweep's run is <run>/seed<S> in the group <experiment>/<run>; a plain run keeps its folder's
+    name. wandb.init is replaced: nothing goes to the network."""
+    calls = []
+    fake_run = types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: calls.append(kw) or fake_run))
+    run = Experiment(name="exp", grid={"optimizer.lr": [0.1]}, seeds=[3]).runs(tmp_path)[0]
+    run.run_dir.mkdir(parents=True)
+    instantiate(compose_cfg(*run.train_args(), "logger.mode=offline").logger).start(run.run_dir, {})
+    instantiate(compose_cfg("logger.mode=offline").logger).start(tmp_path, {})
+    assert [{k: c[k] for k in ("name", "group", "job_type", "mode")} for c in calls] == [
+        {"name": "lr-0.1/seed3", "group": "exp/lr-0.1", "job_type": "train", "mode": "offline"},
+        {"name": tmp_path.name, "group": None, "job_type": "train", "mode": "offline"}]
+
+
+@pytest.mark.parametrize("env, overrides, mode", [
+    (None, [], "disabled"), ("offline", [], "offline"), ("online", ["logger.mode=disabled"], "disabled"),
+    ("dryrun", [], "offline")])   # wandb's own spelling of offline
+def test_wandb_mode_follows_WANDB_MODE_unless_set_on_the_command_line(compose_cfg, monkeypatch, env, overrides, mode):
+    if env is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env)
+    assert instantiate(compose_cfg(*overrides).logger).mode == mode
+
+
+def test_a_results_folder_that_is_a_file_is_one_message(tmp_path, capsys):
+    from experiment_runner import main
+    (tmp_path / "file").write_text("")
+    for root in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert main(["run", "smoke", "--root", str(root)]) == 2
+        assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_unknown_experiment_lists_the_known_ones():
     with pytest.raises(SweepError, match="playbook"):
         load_experiment("no_such_experiment")
@@ -134,7 +171,8 @@ def test_dry_run_scripts_hold_the_overrides_and_only_the_configured_options(tmp_
     assert script.index("cd ") < script.index("module load")   # setup lines run in the repository
     assert 'trap \'kill -TERM "$pid" 2>/dev/null\' TERM' in script   # train.py gets time to save
     train = next(line for line in script.splitlines() if " train.py " in line)
-    assert train == f"{sys.executable} train.py {' '.join(SMALL)} algo=fedprox seed=3 hydra.run.dir={run_dir} &"
+    assert train == (f"{sys.executable} train.py logger.name=fedprox/seed3 logger.group=dry/fedprox {' '.join(SMALL)} "
+                     f"algo=fedprox seed=3 hydra.run.dir={run_dir} &")
     # nothing about a cluster that the config did not give
     for absent in ("--account", "--qos", "--cpus-per-task", "--constraint", "module load cuda/12\nmodule"):
         assert absent not in script
@@ -290,6 +328,97 @@ def test_collect_survives_damaged_and_stopped_runs(tmp_path):
     assert "- **fedavg/seed2**: stopped by signal 15" in report and "received SIGTERM" in report
 
 
+def test_collect_marks_diverged_runs(tmp_path):
+    """A diverged run (results marked diverged, null accuracies, exit 3) and one of before that mark (a
+    bare NaN loss) are listed as diverged, not counted as done nor in the mean."""
+    exp = Experiment(name="div", grid={"algo": ["fedavg"]}, seeds=[0, 1, 2])
+    save_declaration(exp, tmp_path)
+    base = tmp_path / "div" / "fedavg"
+    fabricate(base / "seed0", [0.5, 0.6], 1)
+    fabricate(base / "seed1", [0.4, 0.5], 1)
+    with open(base / "seed1" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"round": 3, "train_loss": None, "test_accuracy": None, "test_loss": None}) + "\n")
+    (base / "seed1" / RESULTS_FILE).write_text(json.dumps({
+        "rounds": 3, "diverged": True, "diverged_round": 3, "final_test_accuracy": None, "final_test_loss": None,
+        "best_test_accuracy": None, "train_time_s": 1.0}))
+    (base / "seed1" / EXIT_FILE).write_text("3\n")
+    fabricate(base / "seed2", [0.1437], 1)
+    (base / "seed2" / RESULTS_FILE).write_text('{"final_test_accuracy": 0.1437, "final_test_loss": NaN, '
+                                               '"best_test_accuracy": 0.1437, "train_time_s": 1.0}')
+    path, records = collect(str(tmp_path / "div"))
+    assert [r.status for r in records] == ["done", "diverged in round 3", "diverged"]
+    assert records[1].curve == [(1, 0.4), (2, 0.5)]
+    report = path.read_text()
+    assert "| fedavg | 1/3 | 60.00 |" in report and "1 of 3 runs finished" in report
+    assert "- **fedavg/seed1**: diverged in round 3 (" in report and "- **fedavg/seed2**: diverged (" in report
+
+
+def adhoc_run(run_dir: Path, accuracies: list[float], seed: int, lr: float = 0.05, algo: str = "fedavg") -> None:
+    """A run as `python train.py` leaves it in outputs/ or multirun/: its resolved config.yaml beside the results."""
+    fabricate(run_dir, accuracies, 1.0)
+    (run_dir / EXIT_FILE).unlink()   # train.py alone writes no exit_status
+    server = ({"_target_": "src.server.FedAvgServer", "weighting": "samples"} if algo == "fedavg" else
+              {"_target_": "src.algo.scaffold.ScaffoldServer", "lr": 1.0, "weighting": "uniform"})
+    client = {} if algo == "fedavg" else {"client": {"_target_": "src.algo.scaffold.ScaffoldClient", "_partial_": True}}
+    cfg = {"name": f"{algo}_synthetic", "seed": seed, "device": "cpu", "num_rounds": len(accuracies),
+           "algo": {"_target_": "src.algo.FedAvg", **client, "server": server},
+           "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr},
+           "logger": {"name": None}, "checkpoint": {"every": seed + 1}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))   # Hydra's copy: not another run
+
+
+def test_collect_compares_a_folder_of_ad_hoc_runs(tmp_path, capsys):
+    """`collect outputs/NAME` or `collect multirun/NAME`: runs whose configs differ only in seed (or
+    name, device, logger, checkpoint) are seeds of one variant, named by the settings that differ."""
+    from experiment_runner import main
+    multirun = tmp_path / "multirun" / "fedavg_synthetic"
+    adhoc_run(multirun / "seed=0", [0.5, 0.6], 0)
+    adhoc_run(multirun / "seed=1", [0.5, 0.7], 1)
+    adhoc_run(multirun / "optimizer.lr=0.5,seed=0", [0.2, 0.3], 0, lr=0.5)
+    adhoc_run(multirun / "algo=scaffold,seed=0", [0.6, 0.8], 0, algo="scaffold")
+    (multirun / "broken").mkdir()
+    (multirun / "broken" / "config.yaml").write_text("seed: [unclosed")
+    (multirun / "multirun.yaml").write_text("hydra: {}\n")
+
+    assert main(["collect", str(multirun)]) == 0
+    out = capsys.readouterr().out
+    row = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    # the scaffold run's lr and weighting follow from its server class: they are not named
+    assert list(row)[1:] == ["algo.client=ScaffoldClient algo.server=ScaffoldServer optimizer.lr=0.05",
+                             "algo.client=unset algo.server=FedAvgServer optimizer.lr=0.5",
+                             "algo.client=unset algo.server=FedAvgServer optimizer.lr=0.05", "broken"]
+    assert [line.split(" | ")[1:3] for line in list(row.values())[1:]] == [
+        ["1/1", "80.00"], ["1/1", "30.00"], ["2/2", "65.00 ± 7.07"], ["0/1", "—"]]
+    assert "4 of 5 runs finished (seeds [0, 1])" in out
+    assert "- **broken**: unreadable" in out and "ParserError" in out
+    assert (multirun / "report.md").is_file() and (multirun / "accuracy.png").is_file()
+
+    # an outputs/ folder of one variant (two seeds), found two levels down, is named after the folder
+    outputs = tmp_path / "outputs"
+    adhoc_run(outputs / "fedavg_synthetic" / "2025-01-01_10-00-00", [0.5], 0)
+    adhoc_run(outputs / "fedavg_synthetic" / "2025-01-01_11-00-00", [0.7], 1)
+    assert "| outputs | 2/2 | 60.00 ± 14.14 |" in collect(str(outputs))[0].read_text()
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SweepError, match="holds no run directory"):
+        collect(str(tmp_path / "empty"))
+
+
+def test_accuracy_plot_tells_overlapping_runs_apart_and_keeps_the_legend_off_the_data(tmp_path):
+    exp = Experiment(name="p", grid={"algo": [f"a{i}" for i in range(12)]})
+    records = [RunRecord(run, "done", curve=[(1, 0.5), (2, 0.6), (3, 0.7)]) for run in exp.runs(tmp_path)]
+    fig = accuracy_figure(exp, summarize(exp, records))   # twelve identical curves
+    ax = fig.axes[0]
+    styles = [(line.get_color(), line.get_linestyle(), line.get_marker()) for line in ax.lines]
+    assert len(styles) == 12 and len(set(styles)) == 12
+    assert all(a[1] != b[1] and a[2] != b[2] for a, b in zip(styles, styles[1:]))
+    fig.canvas.draw()
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes.x1   # beside the axes, not over the curves
+
+
 def test_collect_of_an_experiment_never_launched_says_so(tmp_path):
     with pytest.raises(SweepError, match="has not been launched"):
         collect("smoke", root=tmp_path)
@@ -301,10 +430,8 @@ def test_local_backend_end_to_end(tmp_path):
     declaration = tmp_path / "two.yaml"
     declaration.write_text(yaml.safe_dump({
         "name": "two", "grid": {"resume": [None, "/no/such/resume.pt"]}, "shared": SMALL_SHARED, "seeds": [0]}))
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-
     def runner(*args):
-        return subprocess.run([sys.executable, "experiment_runner.py", *args], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "experiment_runner.py", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
     proc = runner("run", str(declaration), "--root", str(tmp_path / "out"), "--parallel", "2")
     assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -35,12 +35,6 @@ def slurm_cluster():
         pytest.skip(message)
 
 
-@pytest.fixture(autouse=True)
-def offline_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")   # jobs inherit the submitting environment
-    monkeypatch.setenv("WANDB_SILENT", "true")
-
-
 def report_rows(report: Path) -> dict[str, str]:
     return {line.split(" | ")[0].lstrip("| "): line for line in report.read_text().splitlines()
             if line.startswith("| ")}
@@ -137,10 +131,9 @@ def test_unknown_partition_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_train_multirun_through_the_hydra_submitit_launcher(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     cmd = [sys.executable, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
            f"hydra.sweep.dir={tmp_path}", *SMALL, "seed=0,1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = sorted(next(o for o in p.parent.name.split(",") if o.startswith("seed="))
                   for p in tmp_path.glob(f"*/{RESULTS_FILE}"))

@@ -1,15 +1,20 @@
 """`collect`: every run of an experiment into one table (markdown and CSV, mean ± std over seeds) and
-plots (PNG). Runs that failed, are still running or were never launched are listed, never dropped."""
+plots (PNG). Runs that failed, diverged, are still running or were never launched are listed, never dropped.
+A folder of ad-hoc runs (outputs/..., multirun/...) is compared too: its runs are grouped by config."""
 import csv
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from src.algo.base import RESULTS_FILE
 from src.sweep.backends import EXIT_FILE, LOG_FILE, active_jobs, read_job
-from src.sweep.experiment import DECLARATION_FILE, DEFAULT_ROOT, Experiment, Run, SweepError, load_experiment
+from src.sweep.experiment import (DECLARATION_FILE, DEFAULT_ROOT, Experiment, Run, SweepError, hydra_value,
+                                  load_experiment)
 from src.utils.io import save_text
 
 LOG_TAIL_LINES = 15
@@ -18,7 +23,8 @@ LOG_TAIL_LINES = 15
 @dataclass
 class RunRecord:
     run: Run
-    # done | failed (exit N) | stopped by signal N | queued or running | incomplete | missing | unreadable
+    # done | diverged in round N | failed (exit N) | stopped by signal N | queued or running | incomplete
+    # | missing | unreadable
     status: str
     curve: list[tuple[int, float]] = field(default_factory=list)   # (round, test accuracy)
     final_accuracy: Optional[float] = None
@@ -47,19 +53,22 @@ def _read_run(run: Run, target: Optional[float]) -> RunRecord:
             metrics.append(json.loads(line))
         except ValueError:
             pass   # a line being written while we read
-    curve = [(m["round"], m["test_accuracy"]) for m in metrics if "test_accuracy" in m and "round" in m]
+    curve = [(m["round"], m["test_accuracy"]) for m in metrics if "round" in m and finite(m.get("test_accuracy"))]
     record = RunRecord(run, "incomplete", curve, job_id=read_job(run).get("job_id"),
                        rounds_to_target=next((r for r, acc in curve if acc >= target), None) if target else None)
+    exit_code = (d / EXIT_FILE).read_text().strip() if (d / EXIT_FILE).is_file() else None
     if (d / RESULTS_FILE).is_file():
         results = json.loads((d / RESULTS_FILE).read_text())
-        record.status = "done"
-        record.final_accuracy = results["final_test_accuracy"]
-        record.best_accuracy = results["best_test_accuracy"]
-        record.final_loss = results["final_test_loss"]
-        record.train_time_s = results["train_time_s"]
-        return record
-    exit_code = (d / EXIT_FILE).read_text().strip() if (d / EXIT_FILE).is_file() else None
-    if exit_code not in (None, "0"):
+        numbers = [results[k] for k in ("final_test_accuracy", "best_test_accuracy", "final_test_loss", "train_time_s")]
+        # older runs wrote a bare NaN instead of marking the divergence
+        if results.get("diverged") or any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            round_ = results.get("diverged_round")
+            record.status = f"diverged in round {round_}" if round_ is not None else "diverged"
+        else:
+            record.status = "done"
+            record.final_accuracy, record.best_accuracy, record.final_loss, record.train_time_s = numbers
+            return record
+    elif exit_code not in (None, "0"):
         # 128+N: stopped by signal N (SIGTERM: cancelled, preempted or requeued), not an error of its own
         record.status = f"stopped by signal {int(exit_code) - 128}" if int(exit_code) > 128 else f"failed (exit {exit_code})"
     record.log_tail = "\n".join(_lines(d / LOG_FILE)[-LOG_TAIL_LINES:])
@@ -68,6 +77,108 @@ def _read_run(run: Run, target: Optional[float]) -> RunRecord:
 
 def _lines(path: Path) -> list[str]:
     return path.read_text(errors="replace").splitlines() if path.is_file() else []
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------- ad-hoc runs (outputs/..., multirun/...)
+
+CONFIG_FILE = "config.yaml"
+# top-level settings that do not make another variant: a run with another seed, name or device is one
+# more sample of the same variant
+NOT_A_VARIANT = ("seed", "name", "resume", "logger", "checkpoint", "device", "eval_batch_size")
+
+
+@dataclass
+class Folder:
+    """A folder of run directories, reported as if it were an experiment (no baseline, no parents)."""
+    name: str
+    seeds: list[int]
+    description: str = ""
+    target_accuracy: Optional[float] = None
+    baseline: Optional[str] = None
+    reference: Optional[str] = None
+    parents: dict = field(default_factory=dict)
+
+
+def run_dirs(folder: Path) -> list[Path]:
+    """The run directories (holding config.yaml) in and under `folder`; a run's own folders and hidden
+    ones (.hydra) are not searched."""
+    if (folder / CONFIG_FILE).is_file():
+        return [folder]
+    return [d for sub in sorted(folder.iterdir()) if sub.is_dir() and not sub.name.startswith(".")
+            for d in run_dirs(sub)]
+
+
+def folder_runs(folder: Path) -> tuple[Folder, list[Run], list[RunRecord]]:
+    """Group the run directories under `folder` into variants (configs equal but for NOT_A_VARIANT) named
+    by the settings in which they differ. Returns the folder, its runs, and a record for every run
+    directory whose config.yaml cannot be read."""
+    broken, shapes, seeds = [], {}, {}
+    for d in run_dirs(folder):
+        try:
+            cfg = yaml.safe_load((d / CONFIG_FILE).read_text())
+            if not isinstance(cfg, dict) or not isinstance(cfg.get("seed"), int):
+                raise ValueError(f"{CONFIG_FILE} is not a run's config (no integer seed)")
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            run = Run(folder.name, str(d.relative_to(folder)), None, (), d)
+            broken.append(RunRecord(run, "unreadable", log_tail=f"{type(e).__name__}: {e}"))
+            continue
+        shapes[d] = flatten({k: v for k, v in cfg.items() if k not in NOT_A_VARIANT})
+        seeds[d] = cfg["seed"]
+    if not shapes and not broken:
+        raise SweepError([f"{folder} holds no run directory (a folder with {CONFIG_FILE}) and no {DECLARATION_FILE}: "
+                          "give a results folder, an outputs/ or multirun/ folder of runs, or an experiment name"],
+                         "nothing collected")
+    variants = list({json.dumps(shape, sort_keys=True, default=str): shape for shape in shapes.values()}.values())
+    labels = variant_labels(variants) if len(variants) > 1 else [folder.name]
+    runs = sorted((Run(folder.name, labels[variants.index(shape)], seeds[d], (), d) for d, shape in shapes.items()),
+                  key=lambda r: (labels.index(r.name), r.seed, str(r.run_dir)))
+    described = Folder(folder.name, sorted(set(seeds.values())),
+                       f"Runs under {folder}, named by the settings in which they differ.")
+    return described, runs, broken
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+UNSET = object()
+
+
+def variant_labels(shapes: list[dict]) -> list[str]:
+    """`key=value` for every setting that differs between the variants. A setting that follows from a
+    differing class (`algo.server._target_`: its lr, its weighting) is named by the class alone:
+    `algo.server=ScaffoldServer`."""
+    keys = list(dict.fromkeys(k for shape in shapes for k in shape))
+    groups = list(dict.fromkeys(k.split(".")[0] for k in keys))
+    keys.sort(key=lambda k: groups.index(k.split(".")[0]))   # a group's keys together, as in config.yaml
+    differ = {k for k in keys if len({repr(shape.get(k, UNSET)) for shape in shapes}) > 1}
+
+    def follows_a_class(key: str) -> bool:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            target = ".".join(parts[:i]) + "._target_"
+            if target != key and target in differ:
+                value_of = {}
+                if all(value_of.setdefault(repr(s.get(target)), repr(s.get(key, UNSET))) == repr(s.get(key, UNSET))
+                       for s in shapes):
+                    return True
+        return False
+
+    shown = [k for k in keys if k in differ and not follows_a_class(k)]
+
+    def part(shape: dict, key: str) -> str:
+        value = shape.get(key, UNSET)
+        if key.endswith("._target_"):
+            key, value = key[:-len("._target_")], value if value is UNSET else str(value).rsplit(".", 1)[-1]
+        return f"{key}=unset" if value is UNSET else f"{key}={hydra_value(value)}"
+    return [" ".join(part(shape, k) for k in shown) for shape in shapes]
 
 
 def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
@@ -162,10 +273,10 @@ def problems_section(records: list[RunRecord]) -> str:
     bad = [r for r in records if r.status != "done"]
     if not bad:
         return ""
-    out = [f"## Runs not finished ({len(bad)} of {len(records)})", ""]
+    out = [f"## Runs without a result ({len(bad)} of {len(records)})", ""]
     for r in bad:
         job = f", job {r.job_id}" if r.job_id else ""
-        where = f" after round {r.curve[-1][0]}" if r.curve else ""
+        where = f" after round {r.curve[-1][0]}" if r.curve and not r.status.startswith("diverged") else ""
         out.append(f"- **{r.run.key}**: {r.status}{where}{job} ({r.run.run_dir})")
         if r.log_tail:
             out += ["", "  ```", *(f"  {line}" for line in r.log_tail.splitlines()), "  ```", ""]
@@ -179,16 +290,26 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def plot(experiment: Experiment, summaries: list[Summary], out_dir: Path) -> list[Path]:
-    """accuracy.png: test accuracy against round (mean over seeds, band ± std); final_accuracy.png: the
-    final accuracy of every run as a bar with its std."""
-    import matplotlib
-    matplotlib.use("Agg")
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "x", "P")
+
+
+def curve_style(i: int, colors: tuple) -> dict:
+    """Run i's colour, line style and marker: style and marker change from each run to the next, so
+    curves that overlap (or share a colour) stay apart; the combinations repeat after 140 runs at the
+    earliest."""
+    return {"color": colors[i % len(colors)], "linestyle": LINE_STYLES[i % len(LINE_STYLES)],
+            "marker": MARKERS[i % len(MARKERS)]}
+
+
+def accuracy_figure(experiment: Experiment, summaries: list[Summary]):
+    """Test accuracy against round: mean over seeds, band ± std, one line per run; the legend is
+    outside the axes, on the right, never over the curves."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    ax.set_prop_cycle(color=plt.get_cmap("tab10" if len(summaries) <= 10 else "tab20").colors)   # one per run
+    colors = plt.get_cmap("tab10" if len(summaries) <= 10 else "tab20").colors
     for s in summaries:
         rounds = sorted({r for rec in s.records for r, _ in rec.curve})
         points = [(r, mean_std([acc for rec in s.records for rr, acc in rec.curve if rr == r])) for r in rounds]
@@ -197,17 +318,30 @@ def plot(experiment: Experiment, summaries: list[Summary], out_dir: Path) -> lis
         xs = [r for r, _ in points]
         means = [100 * m for _, (m, _) in points]
         stds = [100 * (sd or 0.0) for _, (_, sd) in points]
-        line, = ax.plot(xs, means, marker="o", markersize=3, label=s.name)
+        line, = ax.plot(xs, means, markersize=4, markevery=max(1, len(xs) // 12), label=s.name,
+                        **curve_style(len(ax.lines), colors))
         ax.fill_between(xs, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
                         color=line.get_color(), alpha=0.15)
     ax.set(xlabel="round", ylabel="test accuracy (%)", title=f"{experiment.name}: test accuracy per round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=8, ncol=2)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  ncol=1 + len(ax.lines) // 25)
     fig.tight_layout()
+    return fig
+
+
+def plot(experiment: Experiment, summaries: list[Summary], out_dir: Path) -> list[Path]:
+    """accuracy.png: test accuracy against round (mean over seeds, band ± std); final_accuracy.png: the
+    final accuracy of every run as a bar with its std."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(experiment, summaries)
     curves = out_dir / "accuracy.png"
-    fig.savefig(curves, dpi=120)
+    fig.savefig(curves, dpi=120, bbox_inches="tight")   # "tight" takes the legend beside the axes in
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(summaries) + 2), 5))
@@ -238,20 +372,25 @@ def collect(spec: str, root: Optional[Path] = None, target: Optional[float] = No
     """Write <results folder>/{report.md, summary.csv, runs.csv, accuracy.png, final_accuracy.png};
     return the report's path and every run's record. `spec` is an experiment name, yaml file or
     results folder; the declaration saved at launch (with every seed launched) wins over the one in
-    experiments/."""
-    experiment = load_experiment(spec)
-    if (Path(spec) / DECLARATION_FILE).is_file():
+    experiments/. A folder without a declaration is a folder of ad-hoc runs (see folder_runs)."""
+    broken = []
+    if Path(spec).is_dir() and not (Path(spec) / DECLARATION_FILE).is_file():
         out_dir = Path(spec).resolve()
+        experiment, runs, broken = folder_runs(out_dir)
     else:
-        out_dir = Path(root or DEFAULT_ROOT).resolve() / experiment.name
+        out_dir = Path(spec).resolve()
         if not (out_dir / DECLARATION_FILE).is_file():
-            raise SweepError([f"experiment {experiment.name} has not been launched into {out_dir.parent} "
-                              "(is --root right?)"], "nothing collected")
+            name = load_experiment(spec).name
+            out_dir = Path(root or DEFAULT_ROOT).resolve() / name
+            if not (out_dir / DECLARATION_FILE).is_file():
+                raise SweepError([f"experiment {name} has not been launched into {out_dir.parent} "
+                                  "(is --root right?)"], "nothing collected")
         experiment = load_experiment(str(out_dir))
+        runs = experiment.runs_in(out_dir)
     target = target if target is not None else experiment.target_accuracy
     if target is not None and not 0 < target <= 1:
         raise SweepError([f"target accuracy {target}: give a fraction in (0, 1], e.g. 0.7"], "nothing collected")
-    records = [read_run(run, target) for run in experiment.runs_in(out_dir)]
+    records = [read_run(run, target) for run in runs] + broken
     active = active_jobs([r.job_id for r in records if r.status != "done" and r.job_id])
     for r in records:
         if r.status != "done" and r.job_id and r.job_id.split("_")[0] in active:

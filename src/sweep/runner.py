@@ -22,6 +22,10 @@ def launch(experiment: Experiment, backend: str = "local", root: Optional[Path] 
     root = Path(root or DEFAULT_ROOT).resolve()
     if any(c.isspace() or c == "%" for c in str(root)):   # SBATCH --output would misread them
         raise SweepError([f"results folder {str(root)!r}: choose a path without spaces or '%'"])
+    blocking = next(p for p in (root / experiment.name, root, *root.parents) if p.exists())
+    if not blocking.is_dir():
+        raise SweepError([f"results folder {root / experiment.name}: {blocking} is a file, not a folder; give "
+                          "--root a folder (it is created if missing)"])
     runs = experiment.runs(root)
     options = None
     if backend != "local":
