@@ -9,14 +9,15 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from src.errors import UserError
+from src.sweep.protocol import METRICS_FILE, RESULTS_FILE
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 # Files only a run that completed rounds writes: a fresh start never writes over them.
-RUN_OUTPUTS = ("metrics.jsonl", "results.json", "FINAL_MODEL.pt", "GLOBAL_MODEL.pt")
+RUN_OUTPUTS = (METRICS_FILE, RESULTS_FILE, "FINAL_MODEL.pt", "GLOBAL_MODEL.pt")
 # Files that are appended to rather than replaced: they must be writable themselves.
-APPENDED = ("metrics.jsonl", "train.log")
+APPENDED = (METRICS_FILE, "train.log")
 
 
 class RunDirLock:

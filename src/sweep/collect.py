@@ -11,10 +11,10 @@ from typing import Optional
 
 import yaml
 
-from src.algo.base import RESULTS_FILE
-from src.sweep.backends import EXIT_FILE, LOG_FILE, active_jobs, read_job
 from src.sweep.experiment import (DECLARATION_FILE, DEFAULT_ROOT, Experiment, Run, SweepError, hydra_value,
                                   load_experiment)
+from src.sweep.protocol import CONFIG_FILE, EXIT_FILE, LOG_FILE, METRICS_FILE, RESULTS_FILE, read_job
+from src.sweep.slurm import active_jobs
 from src.utils.io import save_text
 
 LOG_TAIL_LINES = 15
@@ -48,13 +48,13 @@ def _read_run(run: Run, target: Optional[float]) -> RunRecord:
     if not d.is_dir():
         return RunRecord(run, "missing")
     metrics = []
-    for line in _lines(d / "metrics.jsonl"):
+    for line in _lines(d / METRICS_FILE):
         try:
             metrics.append(json.loads(line))
         except ValueError:
             pass   # a line being written while we read
     curve = [(m["round"], m["test_accuracy"]) for m in metrics if "round" in m and finite(m.get("test_accuracy"))]
-    record = RunRecord(run, "incomplete", curve, job_id=read_job(run).get("job_id"),
+    record = RunRecord(run, "incomplete", curve, job_id=read_job(d).get("job_id"),
                        rounds_to_target=next((r for r, acc in curve if acc >= target), None) if target else None)
     exit_code = (d / EXIT_FILE).read_text().strip() if (d / EXIT_FILE).is_file() else None
     if (d / RESULTS_FILE).is_file():
@@ -85,7 +85,6 @@ def finite(value) -> bool:
 
 # ---------------------------------------------------------------- ad-hoc runs (outputs/..., multirun/...)
 
-CONFIG_FILE = "config.yaml"
 # top-level settings that do not make another variant: a run with another seed, name or device is one
 # more sample of the same variant
 NOT_A_VARIANT = ("seed", "name", "resume", "logger", "checkpoint", "device", "eval_batch_size")

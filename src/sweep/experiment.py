@@ -8,15 +8,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
 
 from src.errors import UserError
+from src.sweep.protocol import ROOT
+from src.utils.io import save_text
 
-ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS_DIR = ROOT / "experiments"
 DEFAULT_ROOT = ROOT / "results"          # where runs are written: results/<experiment>/<run>/seed<S>
 DECLARATION_FILE = "experiment.yaml"   # the declaration as launched, kept next to its runs
@@ -201,6 +197,8 @@ def run_name(keys: list[str], values: tuple, by_value: bool) -> str:
 
 def compose_run(overrides: list[str]):
     """The config train.py would see for these overrides (Hydra must be initialised)."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
     cfg = compose("config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)   # so that ${hydra:...} values resolve
     return cfg
@@ -208,7 +206,12 @@ def compose_run(overrides: list[str]):
 
 def check_runs(runs: list[Run]) -> None:
     """Compose and validate every distinct run with Hydra's compose API; raise one SweepError naming
-    each run and what is wrong with it."""
+    each run and what is wrong with it. Hydra is imported here, not above: `list` and `collect` need none of it."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from src.cli import unknown_keys_message
     from src.config import validate
 
@@ -234,7 +237,6 @@ def check_runs(runs: list[Run]) -> None:
 
 def save_declaration(experiment: Experiment, root: Path) -> Path:
     """Keep the declaration next to its runs, with every seed launched so far, for collect."""
-    from src.utils.io import save_text
     path = Path(root) / experiment.name / DECLARATION_FILE
     data = experiment.to_dict()
     if path.is_file():

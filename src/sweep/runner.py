@@ -4,9 +4,16 @@ from pathlib import Path
 from typing import Optional
 
 from src.sweep import backends
-from src.sweep.experiment import DEFAULT_ROOT, Experiment, SweepError, check_runs, save_declaration
+from src.sweep.experiment import DEFAULT_ROOT, Experiment, Run, SweepError, check_runs, save_declaration
+from src.sweep.protocol import RESULTS_FILE, read_job
 
 BACKENDS = ("local", "slurm", "submitit")
+
+
+def is_done(run: Run) -> bool:
+    """Finished, and with the overrides it has now: a run whose declaration changed runs again
+    (train.py then continues it, or refuses with the settings that differ)."""
+    return (run.run_dir / RESULTS_FILE).exists() and read_job(run.run_dir).get("overrides") == run.train_args()
 
 
 def launch(experiment: Experiment, backend: str = "local", root: Optional[Path] = None, parallel: int = 1,
@@ -36,7 +43,7 @@ def launch(experiment: Experiment, backend: str = "local", root: Optional[Path] 
             backends.submitit_parameters(options, experiment.name)   # its own checks (time limit)
     check_runs(runs)
     experiment_dir = save_declaration(experiment, root).parent
-    done = [r.key for r in runs if backends.is_done(r)]
+    done = [r.key for r in runs if is_done(r)]
     queued = backends.queued_runs([r for r in runs if r.key not in done])
     todo = [r for r in runs if r.key not in done and r.key not in queued]
     log(f"{experiment.name}: {len(runs)} runs ({len(runs) // len(experiment.seeds)} variants x "

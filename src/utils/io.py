@@ -6,8 +6,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from src.errors import UserError
 
 
@@ -35,6 +33,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_torch(obj: Any, path: Path) -> None:
+    import torch   # here, not above: the sweep writes json and text through this module without torch
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -50,6 +49,7 @@ def save_text(text: str, path: Path) -> None:
 
 def load_torch(path: Path, map_location: Any = "cpu") -> Any:
     """Load a checkpoint with torch's safe unpickler (tensors and plain containers only)."""
+    import torch
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check the path given to resume=")
