@@ -8,7 +8,7 @@ from tests.inprocess import SMALL, build_algo, interrupted, metrics_without_time
 FEDSEQ_SMALL = ["algo.min_examples=100", "algo.pretrain_epochs=2"]
 ALGORITHMS = {
     "fedavg": [], "fairavg": [], "fedprox": [], "scaffold": [], "feddyn": [], "fedadam": [], "fedyogi": [],
-    "fedadagrad": [], "fedavgm": [], "centralized": [], "fedseq": FEDSEQ_SMALL,
+    "fedadagrad": [], "fedavgm": [], "fedmedian": [], "centralized": [], "fedseq": FEDSEQ_SMALL,
     "fedseq_fedprox": FEDSEQ_SMALL, "fedseq_feddyn": FEDSEQ_SMALL,
 }
 

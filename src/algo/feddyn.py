@@ -16,13 +16,12 @@ Each client sends the change of its g_k, and line 9 is h^t = h^{t-1} + 1/m sum_k
 so h stays the mean of all m clients' g_k, on which line 10's fixed point rests. Under FedSeq a
 superclient sends the sum of its clients' changes and m counts clients, not superclients; each
 client's anchor is the global model its superclient received."""
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
-from src.client.client import Client, ClientUpdate
-from src.server.base import CenterServer
-from src.server.fedavg import WeightedMean
+from src.client.client import Client
+from src.server.base import CenterServer, Sums
 
 
 class FedDynClient(Client):
@@ -57,9 +56,10 @@ class FedDynClient(Client):
 
 class FedDynServer(CenterServer):
     extra_state = ("h",)
+    summed_extras = ("grad_change",)
 
     def __init__(self, alpha: float = 0.01):
-        super().__init__()
+        super().__init__("uniform")  # line 10: the plain mean over the participants
         if not alpha > 0:
             raise ValueError(f"FedDyn's alpha must be > 0, got {alpha}")
         self.alpha = alpha
@@ -68,17 +68,10 @@ class FedDynServer(CenterServer):
     def send_data(self) -> dict:
         return {"global_state": self.global_state, "alpha": self.alpha}
 
-    def aggregate(self, updates: Iterable[ClientUpdate]) -> None:
-        mean = WeightedMean(self.global_state)
+    def server_update(self, mean: dict[str, torch.Tensor], sums: Sums) -> None:
         names = self.param_names
-        change = [torch.zeros_like(self.h[n]) for n in names]
-        for update in updates:
-            mean.add(update.state, 1.0)
-            torch._foreach_add_(change, [update.extra["grad_change"][n] for n in names])
-        if (averaged := mean.result()) is None:
-            return
         h = [self.h[n] for n in names]
-        torch._foreach_add_(h, change, alpha=1.0 / self.num_clients)  # -alpha/m sum_k (theta_k - theta^{t-1})
-        state = dict(averaged)
-        state.update(zip(names, torch._foreach_add([averaged[n] for n in names], h, alpha=-1.0 / self.alpha)))
-        self.global_state = state
+        change = sums.extras["grad_change"]  # -alpha sum_k (theta_k - theta^{t-1})
+        torch._foreach_add_(h, [change[n] for n in names], alpha=1.0 / self.num_clients)
+        theta = torch._foreach_add([mean[n] for n in names], h, alpha=-1.0 / self.alpha)
+        self.global_state = {**mean, **dict(zip(names, theta))}  # buffers: the plain mean

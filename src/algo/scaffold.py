@@ -24,14 +24,13 @@ toy of tests/toy.py (4 clients, 30 rounds, beta 0.5 and 0.9, K = 2, 5, 20, with 
 client.persist_optimizer): K eta_l diverges for beta = 0.9 and K >= 5 (loss 1.3 -> 278 at K = 5,
 lr 0.1), the bound converges in every case. An adaptive optimizer (Adam) has no such step, so
 option II refuses it; option I holds for any optimizer."""
-from typing import Iterable, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 
-from src.client.client import Client, ClientUpdate
+from src.client.client import Client
 from src.errors import ConfigError
-from src.server.base import CenterServer
-from src.server.fedavg import WeightedMean
+from src.server.base import CenterServer, Sums, Weighting
 
 
 class ScaffoldClient(Client):
@@ -100,32 +99,24 @@ def momentum_gain(make_optimizer) -> float:
 
 class ScaffoldServer(CenterServer):
     extra_state = ("control",)
+    summed_extras = ("control_change",)
 
-    def __init__(self, lr: float = 1.0, weighting: Literal["uniform", "samples"] = "uniform"):
+    def __init__(self, lr: float = 1.0, weighting: Weighting = "uniform"):
         """`lr` is the global step size eta_g; the paper averages the client updates uniformly."""
-        super().__init__()
+        super().__init__(weighting)
         if not lr > 0:
             raise ValueError(f"SCAFFOLD's global step size lr must be > 0, got {lr}")
-        if weighting not in ("uniform", "samples"):
-            raise ValueError(f"weighting must be 'uniform' or 'samples', got {weighting!r}")
-        self.lr, self.weighting = lr, weighting
+        self.lr = lr
         self.control: dict[str, torch.Tensor] = {}
 
     def send_data(self) -> dict:
         return {"global_state": self.global_state, "control": self.control}
 
-    def aggregate(self, updates: Iterable[ClientUpdate]) -> None:
-        mean = WeightedMean(self.global_state)
+    def server_update(self, mean: dict[str, torch.Tensor], sums: Sums) -> None:
         names = self.param_names
-        change = [torch.zeros_like(self.control[n]) for n in names]
-        for update in updates:
-            mean.add(update.state, float(update.num_samples) if self.weighting == "samples" else 1.0)
-            torch._foreach_add_(change, [update.extra["control_change"][n] for n in names])
-        if (averaged := mean.result()) is None:
-            return
-        state = dict(averaged)  # buffers: the plain average
         x = [self.global_state[n] for n in names]
-        step = torch._foreach_sub([averaged[n] for n in names], x)
-        state.update(zip(names, torch._foreach_add(x, step, alpha=self.lr)))
-        self.global_state = state
-        torch._foreach_add_([self.control[n] for n in names], change, alpha=1.0 / self.num_clients)
+        step = torch._foreach_sub([mean[n] for n in names], x)
+        # buffers: the plain mean
+        self.global_state = {**mean, **dict(zip(names, torch._foreach_add(x, step, alpha=self.lr)))}
+        change = sums.extras["control_change"]
+        torch._foreach_add_([self.control[n] for n in names], [change[n] for n in names], alpha=1.0 / self.num_clients)

@@ -62,6 +62,19 @@ class ClientStateStore:
         else:
             self._pending[client_id] = copy_to(state, self.device if self.where == "device" else "cpu")
 
+    def update(self, client_id: int, entries: dict) -> None:
+        """Stage `entries` beside what the client staged this round (its committed state if it
+        staged nothing), where put() would replace it: for state kept next to the client's own, such
+        as an update transform's. A client that stages its state replaces all of it, so stage such
+        entries again every round."""
+        if client_id not in self._pending:
+            staged = self.get(client_id)
+        elif self.where == "disk":
+            staged = load_torch(self._file(client_id, pending=True), map_location=self.device)
+        else:
+            staged = self._pending[client_id]
+        self.put(client_id, {**staged, **entries})
+
     def discard(self, client_id: int) -> None:
         """Forget what the client staged this round (a dropped client's round does not count)."""
         if self._pending.pop(client_id, None) is not None and self.where == "disk":

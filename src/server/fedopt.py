@@ -3,11 +3,11 @@
 "Measuring the Effects of Non-Identical Data Distribution for Federated Visual Classification", 2019;
 Reddi et al., Algorithm 1 with ServerOpt = SGD with momentum)."""
 import logging
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 
-from src.client.client import ClientUpdate
+from src.server.base import Sums, Weighting
 from src.server.fedavg import FedAvgServer
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class FedOptServer(FedAvgServer):
     extra_state = ("m", "v")
 
     def __init__(self, optimizer: ServerOpt, lr: float, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3, weighting: Literal["samples", "uniform"] = "samples"):
+                 tau: float = 1e-3, weighting: Weighting = "samples"):
         super().__init__(weighting)
         if optimizer not in ("adagrad", "adam", "yogi", "momentum"):
             raise ValueError(f"optimizer must be 'adagrad', 'adam', 'yogi' or 'momentum', got {optimizer!r}")
@@ -76,21 +76,11 @@ class FedOptServer(FedAvgServer):
                         "(model.norm=group for resnet20).", type(self).__name__, ", ".join(buffers[:3]))
         self.v = {k: torch.full_like(self.global_state[k], self.tau ** 2) for k in self.param_names} if self.adaptive else {}
 
-    def aggregate(self, updates: Iterable[ClientUpdate]) -> None:
-        x = {k: self.global_state[k] for k in self.param_names}
-        seen = 0
-
-        def counted():
-            nonlocal seen
-            for seen, update in enumerate(updates, 1):
-                yield update
-
-        super().aggregate(counted())
-        if not seen:  # no clients, no pseudo-gradient: leave the optimizer state as it is
-            return
+    def server_update(self, mean: dict[str, torch.Tensor], sums: Sums) -> None:
+        x = self.global_state
+        super().server_update(mean, sums)  # buffers: the mean, as FedAvg
         for k in self.param_names:
-            mean = self.global_state[k]
-            delta = mean - x[k]
+            delta = mean[k] - x[k]
             if self.adaptive:
                 self.m[k] = self.beta1 * self.m[k] + (1 - self.beta1) * delta
                 self.v[k] = second_moment(self.optimizer, self.v[k], delta * delta, self.beta2)
@@ -99,4 +89,4 @@ class FedOptServer(FedAvgServer):
                 self.m[k] = self.beta1 * self.m[k] + delta
                 step = self.m[k]
             # x_t + lr*step, written from the mean so that a step equal to Delta_t lands on it exactly
-            self.global_state[k] = mean + (self.lr * step - delta)
+            self.global_state[k] = mean[k] + (self.lr * step - delta)
