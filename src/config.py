@@ -136,6 +136,7 @@ class RunSchema:
     schedule: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
     loss: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
     logger: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
+    engine: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
 
 
 # Nested targets inside a group (the algo's server) are probed on their own.

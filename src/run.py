@@ -15,11 +15,12 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from src import hydra_hooks
-from src.algo.base import RESULTS_FILE, RESUME_FILE, TrainingDiverged, TrainingInterrupted
-from src.algo.fedbase import check_resumable, settings_differences
+from src.algo.base import TrainingDiverged, TrainingInterrupted
+from src.checkpoint import check_resumable, settings_differences
 from src.config import validate
 from src.errors import UserError
 from src.run_dir import LOCK_FILE, RUN_OUTPUTS, RunDirLock, check_writable, remove_temporaries, saved_config
+from src.sweep.protocol import RESULTS_FILE, RESUME_FILE
 from src.utils.io import load_torch, save_text
 
 log = logging.getLogger(__name__)

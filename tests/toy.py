@@ -8,6 +8,7 @@ import torch.nn as nn
 from src.client.client import TrainSetup
 from src.client.state_store import ClientStateStore
 from src.data.device_data import DeviceDataset
+from src.engine import Chain, SequentialEngine
 
 
 class HalfSquaredError(nn.Module):
@@ -28,12 +29,8 @@ def toy_setup(xs, ys, lr=0.1, local_steps=1, weight=0.0, tmp_path=None, **kw):
 
 def run_round(server, clients, round_idx=0):
     """Train `clients` in order from the server's model and aggregate, as FedAvg.train_step does."""
-    def updates():
-        for c in clients:
-            c.receive_data(server.send_data())
-            c.client_update(round_idx)
-            yield c.send_data()
-    server.aggregate(updates())
+    chains = SequentialEngine().train([Chain.of(c) for c in clients], round_idx, server.send_data)
+    server.aggregate(update for _, update in chains)
     store = clients[0].setup.store
     if store is not None:
         store.commit()

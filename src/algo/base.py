@@ -7,12 +7,10 @@ import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from src.sweep.protocol import RESULTS_FILE, RESUME_FILE
 from src.utils.io import load_torch, save_json, save_torch
 
 log = logging.getLogger(__name__)
-
-RESUME_FILE = "resume.pt"
-RESULTS_FILE = "results.json"
 
 
 class TrainingInterrupted(Exception):

@@ -55,7 +55,8 @@ from torch import nn
 from src.algo.fedbase import FedBase
 from src.algo.fedseq_grouping import (MEASURES, METHODS, balanced_exemplars, confidence_vectors, label_histogram,
                                       make_superclients, pretrain_confidence)
-from src.client.client import Client, ClientUpdate
+from src.client.client import Client
+from src.engine import Chain, Link, SequentialEngine
 from src.errors import ConfigError, UserError
 from src.utils.io import save_json
 from src.utils.seeding import numpy_rng, torch_generator
@@ -250,38 +251,16 @@ class FedSeq(FedBase):
         return [superclient.clients[i] for i in rng.permutation(len(superclient.clients))]
 
     def train_step(self) -> None:
-        selected = self.select_superclients(self.round)
-        self.server.aggregate(self.superclient_updates(selected))
+        chains = [self.superclient_chain(sc, self.round) for sc in self.select_superclients(self.round)]
+        self.server.aggregate(self.chain_updates(chains, self.merge_payloads))
 
-    def superclient_updates(self, superclients: list[Superclient]):
-        """Train each superclient's chain, yielding one update per admitted superclient as it is ready."""
-        for sc in superclients:
-            received = self.server.send_data()
-            loss_sum = torch.zeros((), device=self.device)
-            seen = 0
-            payloads = []
-            last: Optional[ClientUpdate] = None
-            for p in range(self.superclient_passes):
-                for client in self.chain(sc, self.round, p):
-                    self.check_stop()
-                    self.hand_over(client, received, first=last is None)
-                    client.client_update(self.round, stream=p)
-                    last = client.send_data()
-                    loss_sum += last.loss_sum
-                    seen += last.samples_seen
-                    payloads.append(last.extra)
-            update = ClientUpdate(last.state, sc.num_samples, loss_sum, seen, last.ema_state,
-                                  self.merge_payloads(payloads))
-            if self.admit(update, sc.clients, f"superclient {sc.index} (clients {sc.client_ids})"):
-                yield update
+    def superclient_chain(self, superclient: Superclient, round_idx: int) -> Chain:
+        """Its clients, pass after pass, each pass in its own order and drawing from its own stream."""
+        links = [Link(c, p) for p in range(self.superclient_passes) for c in self.chain(superclient, round_idx, p)]
+        return Chain(links, superclient.num_samples,
+                     f"superclient {superclient.index} (clients {superclient.client_ids})")
 
-    def hand_over(self, client: Client, received: dict, first: bool) -> None:
-        """The first client of a superclient loads the global weights; the others get the same
-        server data (the FedProx / FedDyn anchor) but keep training the chain's current weights."""
-        if first:
-            client.receive_data(received)
-        else:
-            client.received = received
+    hand_over = SequentialEngine.hand_over  # the chain's hand-over, under the name tests/test_feddyn.py uses
 
     def merge_payloads(self, payloads: list[Optional[dict]]) -> Optional[dict]:
         """One server payload from those of the superclient's clients (in training order, pass after
@@ -313,32 +292,51 @@ class FedSeq(FedBase):
         self.superclients  # noqa: B018
         return super().fit()
 
-    def state_dict(self) -> dict:
-        groups = None if self._superclients is None else [s.client_ids for s in self._superclients]
-        return {**super().state_dict(), "superclients": groups, "pretrain_time_s": self.pretrain_time_s}
-
-    def check_state(self, state: dict) -> None:
-        super().check_state(state)
-        groups = state.get("superclients")
-        ids = [k for g in groups for k in g] if isinstance(groups, list) and all(isinstance(g, list) for g in groups) else None
-        if groups is not None and (ids is None or len(set(ids)) != len(ids)
-                                   or not all(isinstance(k, int) and 0 <= k < len(self.clients) for k in ids)):
-            raise UserError(f"the resume checkpoint's superclients do not group this run's {len(self.clients)} "
-                            "clients: it was written by another run. Pass resume= a checkpoint of this run, or start "
-                            "afresh in a new directory (hydra.run.dir=NEW_DIR). Nothing was changed.")
-
-    def load_state_dict(self, state: dict) -> None:
-        self.check_state(state)  # before _set_groups writes superclients.json
-        groups = state.get("superclients")
-        if groups is not None:
-            groups = [[int(k) for k in g] for g in groups]
-            if self._superclients is not None and groups != [s.client_ids for s in self._superclients]:
-                log.warning("FedSeq: the superclients built here differ from the checkpoint's; continuing "
-                            "with the checkpoint's")
-            self.pretrain_time_s = state.get("pretrain_time_s")
-            self._set_groups(groups)
-        super().load_state_dict(state)
+    def checkpoint_parts(self) -> dict:
+        return {**super().checkpoint_parts(), "superclients": SuperclientsPart(self),
+                "pretrain_time_s": PretrainTimePart(self)}
 
     def results(self) -> dict:
         return {**super().results(), "num_superclients": len(self.superclients),
                 "pretrain_time_s": self.pretrain_time_s}
+
+
+class SuperclientsPart:
+    """The checkpoint's superclients: a resumed run takes its groups from there (no second pre-training)."""
+
+    def __init__(self, algo: FedSeq):
+        self.algo = algo
+
+    def state_dict(self):
+        return None if self.algo._superclients is None else [s.client_ids for s in self.algo._superclients]
+
+    def check_state(self, groups) -> list[str]:
+        n = len(self.algo.clients)
+        ids = [k for g in groups for k in g] if isinstance(groups, list) and all(isinstance(g, list) for g in groups) else None
+        if groups is not None and (ids is None or len(set(ids)) != len(ids)
+                                   or not all(isinstance(k, int) and 0 <= k < n for k in ids)):
+            return [f"superclients: they do not group this run's {n} clients"]
+        return []
+
+    def load_state_dict(self, groups) -> None:
+        if groups is None:
+            return
+        groups = [[int(k) for k in g] for g in groups]
+        if self.algo._superclients is not None and groups != [s.client_ids for s in self.algo._superclients]:
+            log.warning("FedSeq: the superclients built here differ from the checkpoint's; continuing "
+                        "with the checkpoint's")
+        self.algo._set_groups(groups)  # writes superclients.json: after every part is checked
+
+
+class PretrainTimePart:
+    def __init__(self, algo: FedSeq):
+        self.algo = algo
+
+    def state_dict(self):
+        return self.algo.pretrain_time_s
+
+    def check_state(self, saved) -> list[str]:
+        return []
+
+    def load_state_dict(self, saved) -> None:
+        self.algo.pretrain_time_s = saved
