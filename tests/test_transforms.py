@@ -86,3 +86,27 @@ def test_client_transform_keeps_its_state_beside_the_clients_own(where, tmp_path
     resumed = Quantize(0.25)
     resumed.load_state_dict(q.state_dict())
     assert resumed.rounded == 3
+
+
+def test_transforms_run_inside_training_and_are_checkpointed(compose_cfg, tmp_path):
+    """End to end: the engine applies the client transform to every trained client's update, the
+    server its own before accumulating; both lists are the algorithm's, saved in resume.pt."""
+    from tests.inprocess import SMALL, build_algo
+    from src.utils.io import load_torch
+
+    algo = build_algo(compose_cfg, tmp_path / "run", *SMALL, "num_rounds=2")
+    quantize, seen = Quantize(0.5), []
+
+    class Record(UpdateTransform):
+        def server(self, update):
+            seen.append(sorted(torch.unique(torch.cat([v.flatten() / 0.5 for v in update.state.values()
+                                                       if v.is_floating_point()])).frac().abs().tolist()))
+            return update
+    algo.transforms.extend([quantize, Record()])
+    algo.fit()
+    per_round = round(0.5 * len(algo.clients))
+    assert quantize.rounded == 2 * per_round and len(seen) == 2 * per_round
+    assert all(fracs == [0.0] for fracs in seen)   # the server received the quantized weights
+    assert load_torch(tmp_path / "run" / "resume.pt")["transforms"][0] == {"rounded": 2 * per_round}
+    trained = [i for i in algo.setup.store.client_ids() if "residual" in algo.setup.store.get(i)]
+    assert len(trained) >= per_round
