@@ -178,6 +178,50 @@ def test_fashion_mnist_augment_crops_and_flips(tmp_path, debian_dir):
     assert data.test.crop_padding == 0 and data.test.hflip is False
 
 
+@pytest.mark.parametrize("augment,crop,flip", [
+    ("none", 0, False), ("flip", 0, True), ("crop", 4, False), ("crop_flip", 4, True),
+    (True, 4, True), (False, 0, False)])   # true/false: the old spellings, crop + flip and none
+def test_fashion_mnist_augment_modes(tmp_path, debian_dir, augment, crop, flip):
+    write_gz(debian_dir, make_mnist_like(seed=6)[0])
+    data = FashionMNIST(root=str(tmp_path / "root"), download=False, augment=augment).load(CPU)
+    assert (data.train.crop_padding, data.train.hflip) == (crop, flip)
+    assert data.test.crop_padding == 0 and data.test.hflip is False
+
+
+def test_flip_only_batches_are_seeded_mirrors_without_crop(tmp_path, debian_dir):
+    write_gz(debian_dir, make_mnist_like(seed=6)[0])
+    train = FashionMNIST(root=str(tmp_path / "root"), download=False, augment="flip").load(CPU).train
+    indices = torch.arange(len(train))
+    a, b, c = (collect(train, indices, 8, 6, seed=s) for s in (1, 1, 2))
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert any(not torch.equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
+    images = torch.cat([x for x, _ in a])
+    kept = (images[:, None] == train.x[None]).flatten(2).all(2).any(1)
+    flipped = (images[:, None] == train.x.flip(-1)[None]).flatten(2).all(2).any(1)
+    assert (kept | flipped).all()   # every image is a training image or its mirror: never cropped
+    assert (kept & ~flipped).any() and (flipped & ~kept).any()
+
+
+@pytest.mark.parametrize("augment", ["flip", "crop_flip"])
+def test_flips_refused_for_digits(augment):
+    with pytest.raises(ValueError, match="MNIST is not flip-invariant.*augment=crop or none"):
+        MNIST(augment=augment)
+
+
+def test_unknown_augment_mode_names_the_choices():
+    with pytest.raises(ValueError, match=r"'crop\+flip'.*none, flip, crop, crop_flip"):
+        FashionMNIST(augment="crop+flip")
+
+
+def test_augment_problems_are_config_errors(compose_cfg):
+    from src.config import validate
+    from src.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg("dataset=mnist", "dataset.augment=flip"))
+    assert "MNIST is not flip-invariant" in str(e.value)
+    validate(compose_cfg("dataset.augment=flip"))   # Fashion-MNIST: clothes mirror
+
+
 def check_names_all_three(msg: str, root: Path, debian: Path):
     assert str((root / "FashionMNIST" / "raw").resolve()) in msg
     assert str(debian) in msg
