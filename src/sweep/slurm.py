@@ -233,9 +233,12 @@ def queued_runs(runs: list[Run]) -> dict[str, str]:
 
 
 def wait_for_jobs(job_ids: list[str], poll_s: float = 2.0, timeout_s: Optional[float] = None) -> None:
-    """Block until none of the jobs is queued or running (requeued ones included)."""
-    start = time.time()
-    while active_jobs(job_ids):
+    """Block until none of the jobs is queued or running (requeued ones included), seen twice in a
+    row: a job that is being requeued can drop out of squeue for a moment."""
+    start, absent = time.time(), 0
+    while absent < 2:
+        absent = 0 if active_jobs(job_ids) else absent + 1
         if timeout_s is not None and time.time() - start > timeout_s:
             raise TimeoutError(f"jobs {sorted(active_jobs(job_ids))} still queued after {timeout_s:.0f} s")
-        time.sleep(poll_s)
+        if absent < 2:
+            time.sleep(poll_s)
