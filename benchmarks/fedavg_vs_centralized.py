@@ -2,7 +2,7 @@
 
 (a) FedAvg as train.py builds it (config composed by Hydra, FedAvg controller, FedAvgServer,
     Client, TrainSetup): R rounds of 50 clients (all selected) x 5 local SGD steps at batch 10 on
-    3x32x32 inputs (dataset=random) with the LeNet-style CNN; no evaluation.
+    3x32x32 inputs (dataset=random) with the LeNet-style CNN at FedSeq's width (64 channels); no evaluation.
 (b) A bare torch loop: the same number of SGD steps with the same model and batch size, batches
     drawn by indexing the same on-device tensor with randperm.
 
@@ -16,7 +16,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,12 +28,13 @@ sys.path.insert(0, str(ROOT))
 
 from src.algo import FedAvg  # noqa: E402
 from src.config import validate  # noqa: E402
+from timing import timed  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 CLIENTS, LOCAL_STEPS, BATCH = 50, 5, 10
 
 
 def build_fedavg(device: str, run_dir: Path) -> FedAvg:
-    overrides = ["algo=fedavg", "dataset=random", "model=lenet", "partition=iid", f"device={device}",
+    overrides = ["algo=fedavg", "dataset=random", "model=lenet", "model.channels=64", "partition=iid", f"device={device}",
                  f"clients.total={CLIENTS}", "clients.per_round=1.0", f"client.batch_size={BATCH}",
                  "client.local_epochs=null", f"client.local_steps={LOCAL_STEPS}", "optimizer.lr=0.01"]
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
@@ -62,16 +62,6 @@ def centralized_steps(model, optimizer, x, y, steps: int, gen: torch.Generator) 
             loss.backward()
             optimizer.step()
             done += 1
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -18,12 +18,34 @@ from src.utils.seeding import rng_state, set_rng_state
 
 # Settings added since checkpoints were first written, with the value that reproduces those runs:
 # a checkpoint without them still resumes.
-ADDED_SETTINGS = {"algo.prox_mu": 0.0, "engine._target_": "src.engine.SequentialEngine"}
+ADDED_SETTINGS = {"algo.prox_mu": 0.0, "engine._target_": "src.engine.SequentialEngine", "clients.test_fraction": 0.0,
+                  "dataset.val_fraction": 0.0, "attack._target_": "src.attacks.NoAttack", "system.dropout": 0.0,
+                  "system.speed_sigma": 0.0, "system.speed": "fixed", "system.deadline_steps": None,
+                  "system.stragglers": "drop", "aggregator._target_": "src.server.robust.Mean"}
+# Partition settings written before issue 11's schemes: `Dirichlet` with alpha and size_sigma only
+# meant Hsu et al.'s Dir(alpha * p), now `HsuDirichlet` (partition=hsu); IID had size_sigma only.
+# They read as today's settings that reproduce those splits.
+LEGACY_PARTITIONS = {"src.data.partition.Dirichlet": "src.data.partition.HsuDirichlet",
+                     "src.data.partition.IID": "src.data.partition.IID"}
+LEGACY_PARTITION_KEYS = {"_target_", "alpha", "size_sigma"}
+LEGACY_PARTITION_ADDED = {"size_beta": None, "min_size": 10}
+
+
+def legacy_partition(saved: dict) -> dict:
+    """`saved` (a checkpoint's config) with an old partition node read as its partition=hsu / iid equivalent."""
+    node = saved.get("partition")
+    legacy = isinstance(node, dict) and node.get("_target_") in LEGACY_PARTITIONS and set(node) <= LEGACY_PARTITION_KEYS
+    if not legacy:
+        return saved
+    return {**saved, "partition": {**node, **LEGACY_PARTITION_ADDED, "_target_": LEGACY_PARTITIONS[node["_target_"]]}}
+
+
 # Settings that may differ between a checkpoint and the run resuming it: they do not change what
 # the completed rounds computed.
-# on_nonfinite decides only what happens once an update is not finite, which metrics.jsonl records.
+# on_nonfinite decides only what happens once an update is not finite, which metrics.jsonl records;
+# evaluation and early_stopping decide what is measured and when to stop, not what a round trains.
 RESUMABLE_CHANGES = ("num_rounds", "eval_every", "eval_batch_size", "device", "checkpoint", "logger", "resume", "name",
-                     "on_nonfinite")
+                     "on_nonfinite", "evaluation", "early_stopping")
 HISTORY = "history"  # the part whose length is the round
 
 
@@ -196,7 +218,7 @@ def settings_differences(saved: dict, current: dict, fixed: tuple[str, ...] = ()
             out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
         return out
 
-    a, b = {**ADDED_SETTINGS, **flat(saved)}, flat(current)
+    a, b = {**ADDED_SETTINGS, **flat(legacy_partition(saved))}, flat(current)
     differ = sorted(k for k in a.keys() | b.keys()
                     if a.get(k) != b.get(k) and (k.split(".")[0] not in RESUMABLE_CHANGES or k in fixed))
     return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in differ]

@@ -36,6 +36,7 @@ class ClientsSchema:
     total: int = field(metadata=check(lambda v: v >= 1, ">= 1"))
     per_round: float = field(metadata=check(lambda v: 0 < v <= 1, "a fraction in (0, 1]"))
     num_per_round: Optional[int] = field(metadata=check(lambda v: v >= 1, ">= 1"))
+    test_fraction: float = field(metadata=check(lambda v: 0 <= v < 1, "in [0, 1)"))
 
 
 @dataclass
@@ -56,6 +57,27 @@ class ClientSchema:
     persist_optimizer: bool
     state_store: Literal["device", "host", "disk"]
     ema: EMASchema
+
+
+@dataclass
+class EvaluationSchema:
+    clients_every: Optional[int] = field(metadata=check(lambda v: v >= 1, ">= 1"))
+    finetune_steps: int = field(metadata=check(lambda v: v >= 0, ">= 0"))
+
+
+@dataclass
+class EarlyStoppingSchema:
+    metric: Literal["val_accuracy", "val_loss"]
+    patience: Optional[int] = field(metadata=check(lambda v: v >= 1, ">= 1"))
+
+
+@dataclass
+class SystemSchema:
+    dropout: float = field(metadata=check(lambda v: 0 <= v <= 1, "a probability in [0, 1]"))
+    speed_sigma: float = field(metadata=check(lambda v: v >= 0, ">= 0"))
+    speed: Literal["fixed", "round"]
+    deadline_steps: Optional[int] = field(metadata=check(lambda v: v >= 1, ">= 1"))
+    stragglers: Literal["drop", "partial"]
 
 
 @dataclass
@@ -113,6 +135,14 @@ def _probe_client(node, cfg):
     return instantiate(node)(0, one, setup)
 
 
+def _probe_checked(node, cfg):
+    """A component with check(cfg) (the aggregator, the attack): its own argument checks, then its
+    checks against the run's other settings (the algorithm, the client settings)."""
+    problems = instantiate(node).check(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
 @dataclass
 class RunSchema:
     name: str
@@ -126,6 +156,9 @@ class RunSchema:
     on_nonfinite: Literal["drop", "fail"]
     clients: ClientsSchema
     client: ClientSchema
+    evaluation: EvaluationSchema
+    early_stopping: EarlyStoppingSchema
+    system: SystemSchema
     checkpoint: CheckpointSchema
     algo: Target = field(default_factory=lambda: Target(
         ("cfg", "run_dir"), nested={"client": Target(("client_id", "indices", "setup"), _probe_client)}))
@@ -137,6 +170,8 @@ class RunSchema:
     loss: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
     logger: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
     engine: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
+    attack: Target = field(default_factory=lambda: Target(probe=_probe_checked))
+    aggregator: Target = field(default_factory=lambda: Target(probe=_probe_checked))
 
 
 # Nested targets inside a group (the algo's server) are probed on their own.
@@ -319,6 +354,16 @@ def validate(cfg: DictConfig) -> None:
         if (cfg.client.local_epochs is None) == (cfg.client.local_steps is None):
             problems.append("client.local_epochs / client.local_steps: set exactly one of them "
                             "(e.g. client.local_epochs=null client.local_steps=5)")
+        val_fraction = cfg.dataset.get("val_fraction", 0.0)
+        if cfg.early_stopping.patience is not None and not val_fraction:
+            problems.append("early_stopping.patience: early stopping selects on the validation split, and there is "
+                            "none: set dataset.val_fraction (e.g. dataset.val_fraction=0.1)")
+        if cfg.evaluation.finetune_steps and not c.test_fraction:
+            problems.append("evaluation.finetune_steps: the fine-tuned clients are scored on their own held-out data, "
+                            "and there is none: set clients.test_fraction (e.g. clients.test_fraction=0.2)")
+        if cfg.system.speed_sigma and cfg.system.deadline_steps is None:
+            problems.append("system.speed_sigma: client speeds only matter against a round deadline: set "
+                            "system.deadline_steps (e.g. system.deadline_steps=10), or system.speed_sigma=0")
         if cfg.tta == "hflip" and not getattr(_target(cfg.dataset), "flip_invariant", False):
             problems.append(f"tta: hflip averages over mirror images, but {cfg.dataset._target_} is not "
                             "flip-invariant (a mirrored sample can change its label): use tta=none")

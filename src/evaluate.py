@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.algo.fedbase import predict_log_probs, resolve_device
+from src.algo.fedbase import resolve_device
+from src.evaluation import pooled_scores
 from src.errors import UserError
 from src.utils.io import load_torch
 
@@ -84,15 +84,10 @@ def build(node: DictConfig, run_dir: Path, **kwargs):
         raise UserError(f"{node._target_} of {run_dir / CONFIG} cannot be built: {str(e).strip()}") from None
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, test, batch_size: int, tta: str = "none") -> dict:
     """Hard-label cross-entropy and accuracy on `test` (x, y on the model's device), as FedBase evaluates."""
-    loss_sum = correct = 0.0
-    for x, y in zip(test.x.split(batch_size), test.y.split(batch_size)):
-        log_probs = predict_log_probs(model, x, tta)
-        loss_sum += F.nll_loss(log_probs, y, reduction="sum").item()
-        correct += (log_probs.argmax(1) == y).sum().item()
-    return {"test_loss": loss_sum / len(test), "test_accuracy": correct / len(test)}
+    loss, acc = pooled_scores(model, test, batch_size, tta)
+    return {"test_loss": loss, "test_accuracy": acc}
 
 
 def main(argv=None) -> int:

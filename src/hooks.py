@@ -2,7 +2,8 @@
 round start, every admitted update and every round's final metrics; one with a `key` is a part of
 the resume checkpoint (src/checkpoint.py) under that key.
 
-FedBase runs, in order: EMAEvaluation (with client.ema.evaluate), MetricsRecorder, CheckpointCadence."""
+FedBase runs, in order: EMAEvaluation (with client.ema.evaluate), ModelSelection (with a validation
+split), MetricsRecorder, CheckpointCadence."""
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import torch
 from src.checkpoint import mismatches
 from src.client.client import ClientUpdate
 from src.server.fedavg import WeightedMean
-from src.utils.io import save_text
+from src.utils.io import save_text, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,38 @@ class MetricsRecorder(RoundHook):
         save_text("".join(json.dumps(m, allow_nan=False) + "\n" for m in self.history), self.path)
 
 
+class ModelSelection(RoundHook):
+    """Model selection on the validation split, never on test: the best round by `metric`
+    (val_accuracy: highest, val_loss: lowest; the earliest on ties), its evaluated model in
+    BEST_MODEL.pt, and early stopping once `patience` rounds have passed without a better value.
+    Everything it knows is in the metrics history, so it has no checkpoint part of its own; it runs
+    before the recorder, so the history holds the earlier rounds."""
+
+    FILE = "BEST_MODEL.pt"
+
+    def __init__(self, run_dir: Path, history: Callable[[], list[dict]], evaluated_state: Callable[[], dict],
+                 metric: str, patience: Optional[int]):
+        self.path = Path(run_dir) / self.FILE
+        self.history, self.evaluated_state = history, evaluated_state
+        self.metric, self.patience = metric, patience
+        self.sign = -1.0 if metric.endswith("loss") else 1.0
+        self.stop = False  # set at the round after which training stops early
+
+    def best(self, history: list[dict]) -> Optional[dict]:
+        """The metrics of the best round in `history` (None before the first validation)."""
+        scored = [m for m in history if m.get(self.metric) is not None]
+        return max(scored, key=lambda m: (self.sign * m[self.metric], -m["round"]), default=None)
+
+    def on_round_end(self, metrics: dict) -> None:
+        if metrics.get(self.metric) is None:
+            return
+        best = self.best(self.history())
+        if best is None or self.sign * metrics[self.metric] > self.sign * best[self.metric]:
+            save_torch(self.evaluated_state(), self.path)
+            best = metrics
+        self.stop = self.patience is not None and metrics["round"] - best["round"] >= self.patience
+
+
 class CheckpointCadence(RoundHook):
     """A resume checkpoint every `every` rounds and after the last."""
 
@@ -128,6 +161,39 @@ class CheckpointCadence(RoundHook):
             self.save()
 
 
+class JsonlTable:
+    """A JSON-lines file of per-round rows (client_metrics.jsonl), one row per evaluated round."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(strict_metrics(row), allow_nan=False) + "\n")
+
+    def keep_rounds(self, last_round: int) -> None:
+        """Drop the rows after `last_round` (those a resumed run trains again); 0 empties the file."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                if last_round and _round_of(line) <= last_round]
+        save_text("".join(kept), self.path)
+
+
+def _round_of(line: str) -> float:
+    """The round of a JSON-lines row; a row cut short by a crash counts as after every round."""
+    try:
+        return json.loads(line)["round"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def strict_metrics(metrics: dict) -> dict:
     """`metrics` for strict JSON: a non-finite number (e.g. a float32 loss sum that overflowed) becomes None."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+    return {k: _strict(v) for k, v in metrics.items()}
+
+
+def _strict(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return [_strict(v) for v in value] if isinstance(value, list) else value

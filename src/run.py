@@ -66,6 +66,14 @@ def read_results(run_dir: Path) -> dict:
                         "damaged. Move it away and run the same command again to rewrite it from resume.pt.") from None
 
 
+def stopped_early(run_dir: Path) -> bool:
+    """Whether the run's results say it stopped early (early_stopping.patience): then it is finished."""
+    try:
+        return bool(json.loads((run_dir / RESULTS_FILE).read_text()).get("stopped_early"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_fresh_start(run_dir: Path, current: dict) -> None:
     """No checkpoint to continue: refuse to write over another run's outputs. An earlier attempt
     at this very run (same settings) that stopped before its first checkpoint starts afresh."""
@@ -117,9 +125,10 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: Optional[DictConfig] = None) 
         current = OmegaConf.to_container(cfg, resolve=True)
         if state is not None:
             check_resumable(state["config"], current, cfg)
-            if state["round"] >= cfg.num_rounds and (run_dir / RESULTS_FILE).exists():
+            if (run_dir / RESULTS_FILE).exists() and (state["round"] >= cfg.num_rounds or stopped_early(run_dir)):
                 results = read_results(run_dir)
-                log.info("run in %s already finished its %d rounds: nothing to do", run_dir, cfg.num_rounds)
+                log.info("run in %s already finished (%d rounds%s): nothing to do", run_dir, state["round"],
+                         ", stopped early" if results.get("stopped_early") else "")
                 return results
         else:
             check_fresh_start(run_dir, current)
@@ -130,6 +139,8 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: Optional[DictConfig] = None) 
         remove_temporaries(run_dir)
         write_run_config(cfg, hydra_cfg, run_dir)
         attach_log_file(run_dir)
+        if hydra_cfg is not None:
+            algo.overrides = list(hydra_cfg.overrides.task)
         algo.start(state)
         if state is not None:
             log.info("continuing from %s (round %d)", checkpoint, state["round"])

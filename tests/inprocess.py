@@ -14,7 +14,8 @@ from src.utils.io import load_torch
 
 # A federation small enough for a few rounds in about a second.
 SMALL = ["dataset=synthetic", "model=mlp", "clients.total=6", "dataset.max_device_size=60",
-         "clients.per_round=0.5", "optimizer.lr=0.05", "num_rounds=4", "eval_every=2", "device=cpu"]
+         "clients.per_round=0.5", "optimizer.lr=0.05", "num_rounds=4", "eval_every=2", "device=cpu",
+         "client.batch_size=50", "client.local_epochs=1"]
 
 
 def as_shared(overrides: list[str]) -> dict:

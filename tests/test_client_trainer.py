@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from src.algo.fedbase import predict_log_probs
+from src.evaluation import predict_log_probs
 from src.client.client import Client, TrainSetup
 from src.client.ema import ClientEMA
 from src.client.schedule import LRSchedule

@@ -86,9 +86,9 @@ def test_nonfinite_client_stops_the_run(policy, bad, message, compose_cfg, tmp_p
     poison(algo, bad)
     trained = []
     for client in algo.clients:
-        def record_then_train(round_idx, stream=0, client=client, train=client.client_update):
+        def record_then_train(round_idx, stream=0, max_steps=None, client=client, train=client.client_update):
             trained.append(client.client_id)
-            train(round_idx, stream)
+            train(round_idx, stream, max_steps)
         client.client_update = record_then_train
     with pytest.raises(TrainingDiverged, match="training loss or update") as e:
         algo.fit()

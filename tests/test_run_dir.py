@@ -18,7 +18,7 @@ from conftest import ROOT, run_train
 from src.run import main as run_main
 
 SYNTH = ["dataset=synthetic", "model=mlp", "clients.total=6", "dataset.max_device_size=60", "clients.per_round=0.5",
-         "optimizer.lr=0.05", "device=cpu", "logger.mode=disabled"]
+         "optimizer.lr=0.05", "device=cpu", "logger.mode=disabled", "client.batch_size=50", "client.local_epochs=1"]
 
 
 @pytest.fixture

@@ -306,6 +306,29 @@ def test_collect_on_fabricated_runs(tmp_path):
         assert (base / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_collect_shows_validation_and_fairness_columns_when_runs_report_them(tmp_path):
+    exp = Experiment(name="fair", grid={"algo": ["fedavg", "fedprox"]}, seeds=[0, 1])
+    save_declaration(exp, tmp_path)
+    for algo, numbers in {"fedavg": [(0.60, 0.40, 0.9), (0.62, 0.44, 0.92)], "fedprox": [(0.70, 0.50, 0.95), None]}.items():
+        for seed, values in enumerate(numbers):
+            run_dir = tmp_path / "fair" / algo / f"seed{seed}"
+            fabricate(run_dir, [0.5, 0.6], 10)
+            if values is None:
+                continue   # an older run without a validation split or per-client evaluation
+            results = json.loads((run_dir / RESULTS_FILE).read_text())
+            del results["best_test_accuracy"]   # selected on validation instead
+            results.update({"best_val_test_accuracy": 0.55, "final_client_acc_mean": values[0],
+                            "final_client_acc_worst10": values[1], "final_client_acc_jain": values[2]})
+            (run_dir / RESULTS_FILE).write_text(json.dumps(results))
+    report = collect(str(tmp_path / "fair"))[0].read_text()
+    assert "| val-selected acc (%) | client acc (%) | worst-10% acc (%) | Jain index |" in report
+    row = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if line.startswith("| ")}
+    assert row["fedavg"].endswith("| 55.00 ± 0.00 | 61.00 ± 1.41 | 42.00 ± 2.83 | 0.910 ± 0.014 |")
+    assert row["fedprox"].endswith("| 55.00 | 70.00 | 50.00 | 0.950 |")
+    header = (tmp_path / "fair" / "runs.csv").read_text().splitlines()[0]
+    assert "val_selected_accuracy,client_accuracy,worst10_accuracy,jain_index" in header
+
+
 def test_collect_survives_damaged_and_stopped_runs(tmp_path):
     exp = Experiment(name="dmg", grid={"algo": ["fedavg"]}, seeds=[0, 1, 2, 3])
     save_declaration(exp, tmp_path)

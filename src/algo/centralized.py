@@ -8,6 +8,8 @@ from src.client.client import Client
 
 
 class Centralized(FedAvg):
+    clients_are_devices = False  # one trainer on all the data: system.* (dropout, stragglers) is refused
+
     def build_clients(self, indices: list[torch.Tensor]) -> list[Client]:
         return [self.client_factory(0, torch.cat(indices), self.setup)]
 

@@ -1,8 +1,8 @@
 """FedBase: the round loop shared by federated algorithms. It builds the data partition, the
 clients (index tensors over one on-device dataset), the shared working model and the server;
 subclasses define train_step()."""
-import csv
-import io
+import hashlib
+import json
 import logging
 import math
 import time
@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,14 +18,17 @@ from src.checkpoint import Checkpoint, ClientStorePart, ListPart, RngPart, Scale
 from src.client.client import Client, ClientUpdate, TrainSetup
 from src.client.ema import ClientEMA
 from src.client.state_store import ClientStateStore
-from src.data.partition import class_histogram
+from src.data.device_data import DeviceDataset
+from src.data.federation import histogram_csv, split_federation
 from src.engine import Chain
 from src.engine.base import only
 from src.errors import ConfigError, UserError
-from src.hooks import CheckpointCadence, EMAEvaluation, MetricsRecorder, RoundHook
+from src.evaluation import ClientEvaluation, pooled_scores
+from src.hooks import CheckpointCadence, EMAEvaluation, JsonlTable, MetricsRecorder, ModelSelection, RoundHook
 from src.losses.proximal import ProximalTerm
+from src.system import SystemModel
 from src.utils.io import save_json, save_text, save_torch
-from src.utils.seeding import INIT, PARTITION, SELECTION, derive_seed, numpy_rng
+from src.utils.seeding import INIT, SELECTION, derive_seed, numpy_rng
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 class FedBase(Algo):
+    # Whether a chain is one device, so that system.* (src/system.py: dropout, stragglers) applies;
+    # FedSeq's superclients and Centralized's union of all data are not.
+    clients_are_devices = True
+
     def __init__(self, cfg: DictConfig, run_dir: Path, server: DictConfig, client: Optional[DictConfig] = None,
                  prox_mu: float = 0.0):
         """`server` and `client` are the algorithm's config nodes (config/algo/); `prox_mu` > 0 adds
@@ -63,7 +69,17 @@ class FedBase(Algo):
         self.model.to(self.device)
         self.setup = self.build_setup()
         self.clients = self.build_clients(self.partition())
+        self.val_data = None if self.val_indices is None else DeviceDataset(
+            self.data.train.x[self.val_indices], self.data.train.y[self.val_indices], self.spec.num_classes)
+        self.client_evaluation = None if self.client_test_indices is None else ClientEvaluation(
+            self.setup, self.client_indices, self.client_test_indices, cfg.eval_batch_size, cfg.tta,
+            cfg.evaluation.finetune_steps)
+        self.client_table = JsonlTable(run_dir / "client_metrics.jsonl")
+        self.overrides: list[str] = []  # the command line's overrides, for results.json (src/run.py sets them)
+        self.stopped_early = False
         self.server = instantiate(server)
+        self.server.aggregator = instantiate(cfg.aggregator)  # the weighted mean or a robust rule (server/robust.py)
+        self.check_round_size()
         self.server.set_global_state(self.model.state_dict())
         self.server.attach(self.setup.param_names, len(self.clients))
         self.engine = instantiate(cfg.engine)
@@ -78,9 +94,22 @@ class FedBase(Algo):
         self.ema_eval = EMAEvaluation(lambda: self.server.global_state) if (
             e.decay is not None and e.evaluate and e.send == "raw") else None
         self.recorder = MetricsRecorder(run_dir, self.logger, self.num_rounds)
-        self.hooks: list[RoundHook] = [*([self.ema_eval] if self.ema_eval else []), self.recorder,
+        self.selection = ModelSelection(run_dir, lambda: self.recorder.history, self.evaluated_state,
+                                        cfg.early_stopping.metric, cfg.early_stopping.patience) if (
+            self.val_data is not None) else None
+        self.hooks: list[RoundHook] = [*([self.ema_eval] if self.ema_eval else []),
+                                       *([self.selection] if self.selection else []), self.recorder,
                                        CheckpointCadence(cfg.checkpoint.every, self.num_rounds, self.save_checkpoint)]
         self.scaler = ScalerPart(self.setup.scaler)
+        self.system = SystemModel(cfg.seed, len(self.clients), lambda chain: self.setup.num_steps(chain.num_samples),
+                                  **cfg.system)
+        if self.system.enabled:
+            if not self.clients_are_devices:
+                raise ConfigError([f"system: {type(self).__name__} does not train one device per update, so client "
+                                   "dropout and stragglers do not apply: use system.dropout=0 system.deadline_steps=null"])
+            self.hooks.insert(0, self.system)  # before the recorder writes the round's metrics
+        self.attack = instantiate(cfg.attack)  # simulated attackers (src/attacks.py); attack=none adds nothing
+        self.attack.install(self)
 
     # ---- building --------------------------------------------------------------------------
     def build_setup(self) -> TrainSetup:
@@ -108,31 +137,19 @@ class FedBase(Algo):
         )
 
     def partition(self) -> list[torch.Tensor]:
-        """Client index tensors on the device; the per-client class histogram goes to the run dir."""
-        if self.data.natural_clients is not None:
-            clients = self.data.natural_clients
-            log.info("%s is naturally federated: %d clients, partition settings unused",
-                     type(self.spec).__name__, len(clients))
-        else:
-            labels = self.data.train.y.cpu().numpy()
-            try:
-                parts = instantiate(self.cfg.partition).split(
-                    labels, self.cfg.clients.total, self.spec.num_classes, numpy_rng(self.cfg.seed, PARTITION))
-            except ValueError as e:
-                raise ConfigError([f"partition: {e}"]) from None
-            clients = [torch.as_tensor(p, dtype=torch.long, device=self.device) for p in parts]
-        self.client_indices = clients
-        return clients
+        """Client index tensors on the device (src/data/federation.py), with the validation split
+        and each client's own test data beside them."""
+        federation = split_federation(self.data, self.spec, self.cfg)
+        as_tensor = lambda a: torch.as_tensor(a, dtype=torch.long, device=self.device)  # noqa: E731
+        self.val_indices = None if federation.val is None else as_tensor(federation.val)
+        self.client_test_indices = None if federation.test is None else [as_tensor(p) for p in federation.test]
+        self.client_indices = [as_tensor(p) for p in federation.train]
+        return self.client_indices
 
     def save_histogram(self) -> None:
-        labels = self.data.train.y.cpu().numpy()
         indices = [idx.cpu().numpy() for idx in self.client_indices]
-        rows = class_histogram(labels, indices, self.spec.num_classes).tolist()
-        text = io.StringIO()
-        w = csv.writer(text)
-        w.writerow(["client"] + [f"class_{c}" for c in range(self.spec.num_classes)])
-        w.writerows([i] + row for i, row in enumerate(rows))
-        save_text(text.getvalue(), self.run_dir / "client_class_histogram.csv")
+        save_text(histogram_csv(self.data.train.y.cpu().numpy(), indices, self.spec.num_classes),
+                  self.run_dir / "client_class_histogram.csv")
 
     def build_clients(self, indices: list[torch.Tensor]) -> list[Client]:
         return [self.client_factory(i, idx, self.setup) for i, idx in enumerate(indices)]
@@ -148,12 +165,27 @@ class FedBase(Algo):
     def select_clients(self, round_idx: int) -> list[Client]:
         return [self.clients[i] for i in self.draw(round_idx, len(self.clients))]
 
+    def updates_per_round(self) -> Optional[int]:
+        """How many updates a round sends the server before any is dropped (None: not known yet)."""
+        return len(self.select_clients(0))
+
+    def check_round_size(self) -> None:
+        """Refuse an aggregator that no round has enough updates for (Krum's n > 2f+2) as soon as the
+        count is known: when built, before the run directory is written (FedSeq: once grouped)."""
+        count = self.updates_per_round()
+        problem = None if count is None else self.server.aggregator.too_few(count)
+        if problem:
+            raise ConfigError([problem])
+
     def client_updates(self, clients: list[Client]):
         """Train each client as a chain of one, yielding each admitted update as it is ready."""
         return self.chain_updates([Chain.of(c) for c in clients])
 
     def chain_updates(self, chains: list[Chain], merge=only):
-        """Train the chains on the engine, yielding each admitted update as it is ready."""
+        """Train the chains on the engine, yielding each admitted update as it is ready. The system
+        model leaves out the clients that fail to report and cuts the stragglers' work."""
+        self._selected += [c.client_id for chain in chains for c in chain.members]
+        chains = self.system.plan(self.round, chains)
         for chain, update in self.engine.train(chains, self.round, self.server.send_data, transforms=self.transforms,
                                                merge=merge, check_stop=self.check_stop):
             if self.admit(update, chain):
@@ -161,6 +193,7 @@ class FedBase(Algo):
 
     # per-round counts of the updates admit() let in and dropped
     _admitted = _dropped = 0
+    _selected: list[int] = []  # the clients selected this round (those that drop out included)
 
     def admit(self, update: ClientUpdate, chain: Chain) -> bool:
         """Whether `chain`'s update joins the round. One with a non-finite loss or tensor never
@@ -198,6 +231,7 @@ class FedBase(Algo):
             self._train_loss.zero_()
             self._train_seen = 0
             self._admitted = self._dropped = 0
+            self._selected = []
             for hook in self.hooks:
                 hook.on_round_start()
             self.train_step()
@@ -205,17 +239,36 @@ class FedBase(Algo):
             self.commit_round()
             self.round += 1
             metrics = {"round": self.round, "train_loss": self._train_loss.item() / max(self._train_seen, 1),
-                       "dropped_clients": self._dropped}
-            if self.round % self.cfg.eval_every == 0 or self.round == self.num_rounds:
+                       "dropped_clients": self._dropped, **self.server.aggregator.metrics()}
+            if self.due(self.cfg.eval_every):
                 metrics.update(self.evaluate())
                 if not math.isfinite(metrics["test_loss"]):  # finite weights whose outputs overflow
                     raise TrainingDiverged(self.round, f"round {self.round}: the global model's test loss is not "
                                                        f"finite: training diverged. {DIVERGED_ADVICE}")
+            if self.client_evaluation is not None and self.due(self.cfg.evaluation.clients_every or self.cfg.eval_every):
+                client_metrics, table = self.client_evaluation(self.evaluated_state(), self.round)
+                metrics.update(client_metrics)
+                self.client_table.append({"round": self.round, **table})
             metrics["round_time_s"] = time.perf_counter() - start
+            metrics["clients"] = sorted(self._selected)
             self.record(metrics)
             self.check_stop()
+            if self.selection is not None and self.selection.stop:
+                self.stopped_early = True
+                log.info("early stopping after round %d: %s has not improved for %d rounds", self.round,
+                         self.selection.metric, self.selection.patience)
+                self.save_checkpoint()
+                break
         self.logger.finish()
         save_torch(self.server.global_state, self.run_dir / "FINAL_MODEL.pt")
+
+    def due(self, every: int) -> bool:
+        """Whether the round just completed is one of every `every` rounds, or the last."""
+        return self.round % every == 0 or self.round == self.num_rounds
+
+    def evaluated_state(self) -> dict[str, torch.Tensor]:
+        """The model that evaluation scores: the global model, or the clients' mean EMA with client.ema.evaluate."""
+        return self.ema_eval_state if self.ema_eval_state is not None else self.server.global_state
 
     def check_diverged(self) -> None:
         """After the server update (one host sync): a round that had nothing but dropped updates,
@@ -249,24 +302,18 @@ class FedBase(Algo):
     def ema_eval_state(self) -> Optional[dict[str, torch.Tensor]]:
         return self.ema_eval.state if self.ema_eval is not None else None
 
-    @torch.no_grad()
     def evaluate(self, state: Optional[dict[str, torch.Tensor]] = None) -> dict:
         """Hard-label cross-entropy and accuracy of `state` (default: the global model, or the
-        clients' mean EMA with client.ema.evaluate) on the test set; with tta=hflip the prediction
-        is the mean of the softmax outputs for x and its mirror image."""
-        if state is None:
-            state = self.ema_eval_state if self.ema_eval_state is not None else self.server.global_state
-        self.setup.load(state)
-        self.model.eval()
-        test = self.data.test
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        for x, y in zip(test.x.split(self.cfg.eval_batch_size), test.y.split(self.cfg.eval_batch_size)):
-            log_probs = predict_log_probs(self.model, x, self.cfg.tta)
-            loss_sum += F.nll_loss(log_probs, y, reduction="sum")
-            correct += (log_probs.argmax(1) == y).sum()
-        loss, acc = (torch.stack([loss_sum, correct]) / len(test)).tolist()
-        return {"test_loss": loss, "test_accuracy": acc}
+        clients' mean EMA with client.ema.evaluate) on the test set and, with dataset.val_fraction,
+        on the validation split; with tta=hflip the prediction is the mean of the softmax outputs
+        for x and its mirror image."""
+        self.setup.load(self.evaluated_state() if state is None else state)
+        batch, tta = self.cfg.eval_batch_size, self.cfg.tta
+        loss, acc = pooled_scores(self.model, self.data.test, batch, tta)
+        metrics = {"test_loss": loss, "test_accuracy": acc}
+        if self.val_data is not None:
+            metrics["val_loss"], metrics["val_accuracy"] = pooled_scores(self.model, self.val_data, batch, tta)
+        return metrics
 
     # ---- state -------------------------------------------------------------------------------
     def checkpoint_parts(self) -> dict:
@@ -300,8 +347,10 @@ class FedBase(Algo):
         if state is None:
             self.setup.store.reset()
             self.recorder.reset()
+            self.client_table.keep_rounds(0)
         else:
             self.load_state_dict(state)
+            self.client_table.keep_rounds(self.round)  # rounds after the checkpoint are trained again
 
     def save_checkpoint(self) -> None:
         super().save_checkpoint()
@@ -313,21 +362,46 @@ class FedBase(Algo):
             save_torch(self.server.global_state, self.run_dir / f"GLOBAL_MODEL_round_{self.round}.pt")
 
     def results(self) -> dict:
-        """The run's summary; a diverged run has no final model and null accuracies."""
+        """The run's summary; a diverged run has no final model and null accuracies. With a
+        validation split, the best round is selected on validation (never on test) and its test
+        accuracy reported; without one, best_test_accuracy is the highest test accuracy seen, a
+        figure selected on test (optimistic)."""
         diverged = self.diverged_round is not None
         evaluated = [] if diverged else [m for m in self.history if "test_accuracy" in m]
         final = evaluated[-1] if evaluated else {}
-        return {
+        per_client = [] if diverged else [m for m in self.history if "client_acc_mean" in m]
+        results = {
             "algo": type(self).__name__,
+            "seed": self.cfg.seed,
+            "overrides": list(self.overrides),
+            "config_sha256": config_hash(self.cfg),
             "rounds": self.diverged_round - 1 if diverged else self.round,  # completed rounds
             "diverged": diverged,
             "diverged_round": self.diverged_round,
+            "stopped_early": self.stopped_early,
             "dropped_clients": sum(m.get("dropped_clients", 0) for m in self.history),
             "final_test_accuracy": final.get("test_accuracy"),
             "final_test_loss": final.get("test_loss"),
-            "best_test_accuracy": max((m["test_accuracy"] for m in evaluated), default=None),
-            "train_time_s": sum(m["round_time_s"] for m in self.history),
         }
+        if self.selection is None:
+            results["best_test_accuracy"] = max((m["test_accuracy"] for m in evaluated), default=None)
+        else:
+            best = self.selection.best(evaluated) or {}
+            metric = self.selection.metric
+            results.update({"selection_metric": metric, "best_round": best.get("round"),
+                            f"best_{metric}": best.get(metric), "best_val_test_accuracy": best.get("test_accuracy"),
+                            "final_val_accuracy": final.get("val_accuracy")})
+        if per_client:
+            results.update({f"final_{k}": v for k, v in per_client[-1].items()
+                            if k.startswith(("client_acc_", "finetuned_acc_"))})
+        results["train_time_s"] = sum(m["round_time_s"] for m in self.history)
+        return results
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the resolved config as canonical JSON: equal for runs with the same settings."""
+    text = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def all_finite(obj) -> bool:
@@ -348,13 +422,3 @@ def _tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _tensors(v)
-
-
-def predict_log_probs(model: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
-    """Log of the predicted class probabilities; with tta=hflip, of the mean of the softmax
-    outputs for x and x mirrored along its width."""
-    log_probs = F.log_softmax(model(x).float(), dim=1)
-    if tta == "hflip":
-        flipped = F.log_softmax(model(x.flip(-1)).float(), dim=1)
-        log_probs = torch.logsumexp(torch.stack([log_probs, flipped]), dim=0) - math.log(2.0)
-    return log_probs

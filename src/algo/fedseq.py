@@ -118,6 +118,9 @@ def check_settings(representation, grouping, measure, min_examples, max_clients,
 
 
 class FedSeq(FedBase):
+    clients_are_devices = False  # an update is a superclient's: system.* (dropout, stragglers) is refused
+    _superclients: Optional[list[Superclient]] = None  # built on first use (superclients), or by a checkpoint
+
     def __init__(self, cfg: DictConfig, run_dir: Path, server: DictConfig, client: Optional[DictConfig] = None,
                  prox_mu: float = 0.0,
                  representation: Literal["confidence", "label_histogram"] = "confidence",
@@ -150,7 +153,6 @@ class FedSeq(FedBase):
         self.pretrain_batch_size = pretrain_batch_size or cfg.client.batch_size
         self.exemplars_per_class = exemplars_per_class
         self.pretrain_time_s: Optional[float] = None
-        self._superclients: Optional[list[Superclient]] = None
 
     # ---- grouping (Sec. 3) -------------------------------------------------------------------
     @property
@@ -245,6 +247,9 @@ class FedSeq(FedBase):
         """Drawn as FedBase draws clients: clients.per_round is a fraction of the superclients."""
         return [self.superclients[i] for i in self.draw(round_idx, len(self.superclients))]
 
+    def updates_per_round(self) -> Optional[int]:
+        return None if self._superclients is None else len(self.select_superclients(0))
+
     def chain(self, superclient: Superclient, round_idx: int, pass_idx: int) -> list[Client]:
         """The order in which the superclient's clients train in this pass (shuffled every pass)."""
         rng = numpy_rng(self.cfg.seed, FEDSEQ_ORDER, round_idx, superclient.index, pass_idx)
@@ -287,9 +292,11 @@ class FedSeq(FedBase):
     # ---- the loop, state, results ------------------------------------------------------------
     def fit(self) -> dict:
         # Group (and pre-train) before the round loop: a grouping that the settings make impossible
-        # is reported as a ConfigError before any resume checkpoint is written, and pre-training
+        # (or too few superclients per round for the aggregator) is reported as a ConfigError
+        # before any resume checkpoint is written, and pre-training
         # stays out of the first round's time.
         self.superclients  # noqa: B018
+        self.check_round_size()
         return super().fit()
 
     def checkpoint_parts(self) -> dict:

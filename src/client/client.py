@@ -73,6 +73,7 @@ class ClientUpdate(NamedTuple):
     samples_seen: int
     ema_state: Optional[dict[str, torch.Tensor]] = None  # the client's EMA weights, when EMA is on
     extra: Optional[dict] = None  # algorithm-specific payload (e.g. SCAFFOLD's control change)
+    sender: Optional[int] = None  # the sending client's id (a chain's last client), set by the engine
 
 
 class Client:
@@ -89,7 +90,9 @@ class Client:
         self.setup = setup
         self._result: Optional[ClientUpdate] = None
         self.received: dict = {}
-        self.lr_sum = 0.0
+        self.step_lrs: list[float] = []  # the step size of each local step of the last round
+        # data poisoning (src/attacks.py): the labels this client trains on, from the true ones
+        self.label_map: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     @property
     def num_samples(self) -> int:
@@ -118,10 +121,17 @@ class Client:
         return None
 
     # ---- training ------------------------------------------------------------------------------
-    def client_update(self, round_idx: int, stream: int = 0) -> None:
+    @property
+    def lr_sum(self) -> float:
+        """The sum of the step sizes taken (SCAFFOLD's K * eta_l under any schedule)."""
+        return sum(self.step_lrs)
+
+    def client_update(self, round_idx: int, stream: int = 0, max_steps: Optional[int] = None) -> None:
         """Local training on this client's data; batches and augmentation come from a generator
         that depends only on (seed, round, client[, stream]), so results do not depend on client
-        order. `stream` > 0 gives a client that trains twice in a round (FedSeq's passes) new batches."""
+        order. `stream` > 0 gives a client that trains twice in a round (FedSeq's passes) new batches.
+        `max_steps` stops a straggler early (src/system.py): it takes the first steps of its full
+        round, same batches, and the LR schedule is still the one laid out for all of its steps."""
         s = self.setup
         model = s.model
         model.train()
@@ -131,6 +141,7 @@ class Client:
         if s.persist_optimizer and "optimizer" in saved:
             optimizer.load_state_dict(saved["optimizer"])
         scheduler = s.schedule.scheduler(optimizer, round_idx, num_steps, s.num_rounds)
+        steps = num_steps if max_steps is None else min(num_steps, max_steps)
         if s.ema is not None:
             s.ema.begin(model, saved.get("ema") if s.ema.persist else None)
         self.begin_round(saved)
@@ -139,8 +150,10 @@ class Client:
         gen = torch_generator(self.indices.device, s.seed, CLIENT_DATA, *keys)
         loss_sum = torch.zeros((), device=self.indices.device)
         seen = 0
-        self.lr_sum = 0.0  # sum of the step sizes taken (SCAFFOLD's K * eta_l under any schedule)
-        for x, y in s.data.batches(self.indices, s.batch_size, num_steps, gen):
+        self.step_lrs = []
+        for x, y in s.data.batches(self.indices, s.batch_size, steps, gen):
+            if self.label_map is not None:
+                y = self.label_map(y)
             with s.autocast():
                 loss = s.loss_fn(model(x), y)
             extra = self.penalty()
@@ -158,7 +171,7 @@ class Client:
                 s.scaler.update()
             else:
                 optimizer.step()
-            self.lr_sum += optimizer.param_groups[0]["lr"]
+            self.step_lrs.append(optimizer.param_groups[0]["lr"])
             if scheduler is not None:
                 scheduler.step()
             if s.ema is not None:

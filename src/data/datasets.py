@@ -25,6 +25,13 @@ class Dataset(ABC):
     in_shape: tuple[int, ...]
     flip_invariant: bool  # whether a horizontal flip keeps the label (refuses flip TTA otherwise)
 
+    def __init__(self, val_fraction: float = 0.0):
+        """`val_fraction` of the training set (stratified by class, seeded by the run) is held out as
+        the validation split before the partition: best-round selection and early stopping use it."""
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction = val_fraction
+
     @abstractmethod
     def load(self, device: torch.device) -> FederatedData: ...
 
@@ -42,7 +49,9 @@ class TorchvisionImages(Dataset):
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __init__(self, root: str = "data", download: bool = True, augment: bool | str = False):
+    def __init__(self, root: str = "data", download: bool = True, augment: bool | str = False,
+                 val_fraction: float = 0.0):
+        super().__init__(val_fraction)
         self.root = Path(root)
         self.download = download
         self.augment = self._augment_mode(augment)
@@ -113,8 +122,9 @@ class CIFAR10(TorchvisionImages):
     num_classes, in_shape, flip_invariant = 10, (3, 32, 32), True
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
-    def __init__(self, root: str = "data", download: bool = True, augment: bool | str = True):
-        super().__init__(root, download, augment)
+    def __init__(self, root: str = "data", download: bool = True, augment: bool | str = True,
+                 val_fraction: float = 0.0):
+        super().__init__(root, download, augment, val_fraction)
 
     def _torchvision_split(self, train, download):
         from torchvision.datasets import CIFAR10 as TV
@@ -200,7 +210,8 @@ class RandomImages(Dataset):
     flip_invariant = True
 
     def __init__(self, shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10, train_size: int = 2500,
-                 test_size: int = 500, seed: int = 0):
+                 test_size: int = 500, seed: int = 0, val_fraction: float = 0.0):
+        super().__init__(val_fraction)
         if num_classes < 2 or train_size < 1 or test_size < 1 or any(s < 1 for s in shape):
             raise ValueError("need num_classes >= 2, train_size >= 1, test_size >= 1 and positive shape, got "
                              f"{num_classes}, {train_size}, {test_size}, {tuple(shape)}")

@@ -19,7 +19,8 @@ class Synthetic(Dataset):
     num_classes, in_shape, flip_invariant = CLASSES, (DIM,), False
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, num_devices: int = 30,
-                 test_fraction: float = 0.2, seed: int = 0, max_device_size: int = 0):
+                 test_fraction: float = 0.2, seed: int = 0, max_device_size: int = 0, val_fraction: float = 0.0):
+        super().__init__(val_fraction)
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
         if num_devices < 1 or not 0.0 <= test_fraction < 1.0 or max_device_size < 0:

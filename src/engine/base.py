@@ -19,6 +19,7 @@ from src.client.client import Client, ClientUpdate
 class Link(NamedTuple):
     client: Client
     stream: int = 0  # > 0: a client's second training in a round draws new batches (FedSeq's passes)
+    max_steps: Optional[int] = None  # a straggler's step budget (src/system.py); None: all its steps
 
 
 class Chain(NamedTuple):
@@ -49,10 +50,11 @@ def only(payloads: list[Optional[dict]]) -> Optional[dict]:
 
 def join(updates: list[ClientUpdate], chain: Chain, merge: Callable) -> ClientUpdate:
     """One update from those of a chain's links: the last weights (and EMA), the summed training
-    loss and samples, and `merge` of the payloads (in training order)."""
+    loss and samples, and `merge` of the payloads (in training order), sent by the chain's sender."""
     last = updates[-1]
     return ClientUpdate(last.state, chain.num_samples, reduce(torch.add, [u.loss_sum for u in updates]),
-                        sum(u.samples_seen for u in updates), last.ema_state, merge([u.extra for u in updates]))
+                        sum(u.samples_seen for u in updates), last.ema_state, merge([u.extra for u in updates]),
+                        chain.sender.client_id)
 
 
 class Engine(ABC):

@@ -12,10 +12,10 @@ class SequentialEngine(Engine):
         for chain in chains:
             received = send()
             updates = []
-            for i, (client, stream) in enumerate(chain.links):
+            for i, (client, stream, max_steps) in enumerate(chain.links):
                 check_stop()
                 self.hand_over(client, received, first=i == 0)
-                client.client_update(round_idx, stream=stream)
+                client.client_update(round_idx, stream=stream, max_steps=max_steps)
                 updates.append(client.send_data())
             update = join(updates, chain, merge)
             for t in transforms:

@@ -6,7 +6,7 @@ and nowhere else); reduce() combines the sums (the identity in one process); ser
 sums) turns them into the next global state. An algorithm overrides server_update, names the
 payloads it sums (`summed_extras`), and sets `needs_all_updates` if it must see every update."""
 from abc import ABC, abstractmethod
-from typing import Iterable, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 import torch
 
@@ -49,6 +49,11 @@ def owned(value):
     return value
 
 
+def owned_update(update: ClientUpdate) -> ClientUpdate:
+    """`update` with owned copies of its tensors."""
+    return update._replace(state=owned(update.state), ema_state=owned(update.ema_state), extra=owned(update.extra))
+
+
 class Sums:
     """What a round's updates add up to: the weighted sum of the states (`mean`, divided only once
     the sums are reduced), the plain sum of each payload in `extras` (update.extra[key], one tensor
@@ -65,8 +70,7 @@ class Sums:
 
     def add(self, update: ClientUpdate, weight: float) -> None:
         if self.updates is not None:
-            update = update._replace(state=owned(update.state), ema_state=owned(update.ema_state),
-                                     extra=owned(update.extra))
+            update = owned_update(update)
             self.updates.append(update)
             self.weights.append(weight)
         self.mean.add(update.state, weight)
@@ -89,6 +93,10 @@ class CenterServer(ABC):
     # True: every update is kept for server_update as an owned copy (sums.updates, sums.stacked()).
     # False: updates are streamed into running sums and may be views of the working model.
     needs_all_updates: bool = False
+    # What replaces the weighted mean in aggregate() (src/server/robust.py; FedBase sets the one in
+    # config/aggregator/): called with the round's sums and the global model, it returns the state
+    # server_update receives as `mean`, or None to leave the round out. None: the weighted mean.
+    aggregator = None
 
     def __init__(self, weighting: Weighting = "samples"):
         if weighting not in ("samples", "uniform"):
@@ -98,6 +106,9 @@ class CenterServer(ABC):
         self.param_names: list[str] = []  # trainable entries of global_state (the rest are buffers)
         self.num_clients = 0  # clients in the federation, sampled or not
         self.transforms: list = []  # server-side UpdateTransforms (src/transforms.py), applied in order
+        # Sees the whole round before anything is summed: the round's updates (owned copies) in, the
+        # ones to aggregate out (src/attacks.py: colluding attackers that read the honest updates).
+        self.intercept: Optional[Callable[[list[ClientUpdate]], list[ClientUpdate]]] = None
 
     def attach(self, param_names: list[str], num_clients: int) -> None:
         """Called once by the controller, before the first round."""
@@ -120,14 +131,18 @@ class CenterServer(ABC):
         """Consume client updates one at a time (a generator: clients train lazily, memory does not
         grow with the number of clients unless needs_all_updates) and update `global_state`. A
         round without updates changes nothing, the server's own state included."""
-        sums = Sums(self.global_state, self.param_names, self.summed_extras, keep=self.needs_all_updates)
+        keep = self.needs_all_updates or getattr(self.aggregator, "needs_all_updates", False)
+        sums = Sums(self.global_state, self.param_names, self.summed_extras, keep=keep)
+        if self.intercept is not None:
+            updates = self.intercept([owned_update(u) for u in updates])
         for update in updates:
             for transform in self.transforms:
                 update = transform.server(update)
             self.accumulate(sums, update)
         sums = self.reduce(sums)
-        if sums.count:
-            self.server_update(sums.mean.result(), sums)
+        mean = sums.mean.result() if self.aggregator is None else self.aggregator(sums, self.global_state)
+        if mean is not None:  # None: no updates, or too few for the aggregator
+            self.server_update(mean, sums)
 
     def accumulate(self, sums: Sums, update: ClientUpdate) -> None:
         sums.add(update, self.client_weight(update))
@@ -141,12 +156,17 @@ class CenterServer(ABC):
     @abstractmethod
     def server_update(self, mean: dict[str, torch.Tensor], sums: Sums) -> None:
         """Set `global_state` from the weighted mean of the round's states (floating-point entries
-        averaged, integer buffers the last update's) and the sums; only called with updates."""
+        averaged, integer buffers the last update's), or the aggregator's state in its place, and
+        the sums; only called with updates."""
 
     def state_dict(self) -> dict:
-        return {"global_state": self.global_state, **{name: getattr(self, name) for name in self.extra_state}}
+        state = {"global_state": self.global_state, **{name: getattr(self, name) for name in self.extra_state}}
+        aggregator = self.aggregator.state_dict() if self.aggregator is not None else {}
+        return {**state, "aggregator": aggregator} if aggregator else state  # only a stateful one's
 
     def load_state_dict(self, state: dict) -> None:
         self.set_global_state(state["global_state"])
+        if "aggregator" in state:
+            self.aggregator.load_state_dict(state["aggregator"])
         for name in self.extra_state:
             setattr(self, name, {k: v.detach().clone() for k, v in state[name].items()})

@@ -30,6 +30,10 @@ class RunRecord:
     final_accuracy: Optional[float] = None
     best_accuracy: Optional[float] = None
     final_loss: Optional[float] = None    # hard-label test loss
+    val_selected_accuracy: Optional[float] = None  # test accuracy of the best-validation round (dataset.val_fraction)
+    client_accuracy: Optional[float] = None   # final mean per-client accuracy (clients.test_fraction)
+    worst10_accuracy: Optional[float] = None  # ... of the worst 10 % of clients
+    jain_index: Optional[float] = None        # Jain's fairness index of the per-client accuracies
     rounds_to_target: Optional[int] = None
     train_time_s: Optional[float] = None
     job_id: Optional[str] = None
@@ -59,7 +63,8 @@ def _read_run(run: Run, target: Optional[float]) -> RunRecord:
     exit_code = (d / EXIT_FILE).read_text().strip() if (d / EXIT_FILE).is_file() else None
     if (d / RESULTS_FILE).is_file():
         results = json.loads((d / RESULTS_FILE).read_text())
-        numbers = [results[k] for k in ("final_test_accuracy", "best_test_accuracy", "final_test_loss", "train_time_s")]
+        numbers = [results.get(k) for k in ("final_test_accuracy", "best_test_accuracy", "final_test_loss",
+                                             "train_time_s")]
         # older runs wrote a bare NaN instead of marking the divergence
         if results.get("diverged") or any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             round_ = results.get("diverged_round")
@@ -67,6 +72,10 @@ def _read_run(run: Run, target: Optional[float]) -> RunRecord:
         else:
             record.status = "done"
             record.final_accuracy, record.best_accuracy, record.final_loss, record.train_time_s = numbers
+            record.val_selected_accuracy = results.get("best_val_test_accuracy")
+            record.client_accuracy = results.get("final_client_acc_mean")
+            record.worst10_accuracy = results.get("final_client_acc_worst10")
+            record.jain_index = results.get("final_client_acc_jain")
             return record
     elif exit_code not in (None, "0"):
         # 128+N: stopped by signal N (SIGTERM: cancelled, preempted or requeued), not an error of its own
@@ -201,7 +210,11 @@ class Summary:
         return sum(r.status == "done" for r in self.records)
 
 
-METRICS = ("final_accuracy", "best_accuracy", "final_loss", "rounds_to_target", "train_time_s")
+METRICS = ("final_accuracy", "best_accuracy", "final_loss", "rounds_to_target", "train_time_s",
+           "val_selected_accuracy", "client_accuracy", "worst10_accuracy", "jain_index")
+# columns of report.md shown only when a run reports them (validation split, per-client evaluation)
+OPTIONAL_COLUMNS = {"val_selected_accuracy": ("val-selected acc (%)", 100, 2), "client_accuracy": ("client acc (%)", 100, 2),
+                    "worst10_accuracy": ("worst-10% acc (%)", 100, 2), "jain_index": ("Jain index", 1, 3)}
 
 
 def summarize(experiment: Experiment, records: list[RunRecord]) -> list[Summary]:
@@ -244,6 +257,8 @@ def markdown_table(experiment: Experiment, summaries: list[Summary], target: Opt
     if target:
         header.append(f"rounds to {100 * target:g}%")
     header.append("train time (s)")
+    optional = [m for m in OPTIONAL_COLUMNS if any(s.stats[m][0] is not None for s in summaries)]
+    header += [OPTIONAL_COLUMNS[m][0] for m in optional]
     gap = experiment.baseline is not None and experiment.reference is not None
     if gap:
         header += [f"gap closed ({experiment.baseline} → {experiment.reference})"]
@@ -257,6 +272,7 @@ def markdown_table(experiment: Experiment, summaries: list[Summary], target: Opt
             reached = fmt(s.stats["rounds_to_target"], digits=1)
             row.append(reached if s.reached == s.done else f"{reached} ({s.reached}/{s.done} reached)")
         row.append(fmt(s.stats["train_time_s"], digits=1))
+        row += [fmt(s.stats[m], OPTIONAL_COLUMNS[m][1], OPTIONAL_COLUMNS[m][2]) for m in optional]
         if gap:
             row.append(percent(s.gap_closed))
             if experiment.parents:
@@ -398,9 +414,10 @@ def collect(spec: str, root: Optional[Path] = None, target: Optional[float] = No
 
     write_csv(out_dir / "runs.csv",
               ["run", "seed", "status", "final_accuracy", "best_accuracy", "final_test_loss", "rounds_to_target",
-               "train_time_s", "job_id", "run_dir"],
+               "train_time_s", *OPTIONAL_COLUMNS, "job_id", "run_dir"],
               [[r.run.name, r.run.seed, r.status, r.final_accuracy, r.best_accuracy, r.final_loss,
-                r.rounds_to_target, r.train_time_s, r.job_id, r.run.run_dir] for r in records])
+                r.rounds_to_target, r.train_time_s, *(getattr(r, m) for m in OPTIONAL_COLUMNS), r.job_id,
+                r.run.run_dir] for r in records])
     write_csv(out_dir / "summary.csv",
               ["run", "seeds_done", "seeds_total"] + [f"{m}_{x}" for m in METRICS for x in ("mean", "std")]
               + ["target_reached", "gap_closed", "step_gap_closed"],

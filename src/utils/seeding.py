@@ -18,6 +18,9 @@ def torch_generator(device: torch.device, *keys: int) -> torch.Generator:
 
 # Purposes, so that streams for different uses never coincide.
 PARTITION, SELECTION, CLIENT_DATA, INIT = range(4)
+VALIDATION, CLIENT_TEST, FINETUNE = 4, 5, 6  # held-out splits (src/data/holdout.py), fine-tuning evaluation
+MALICIOUS, ATTACK_NOISE = 7, 8  # src/attacks.py: who the attackers are, Gaussian attack noise
+DROPOUT, SPEED = 9, 10  # src/system.py: which selected clients fail to report, client speeds
 
 
 def rng_state() -> dict:
