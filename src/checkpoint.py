@@ -21,7 +21,13 @@ from src.utils.seeding import rng_state, set_rng_state
 ADDED_SETTINGS = {"algo.prox_mu": 0.0, "engine._target_": "src.engine.SequentialEngine", "clients.test_fraction": 0.0,
                   "dataset.val_fraction": 0.0, "attack._target_": "src.attacks.NoAttack", "system.dropout": 0.0,
                   "system.speed_sigma": 0.0, "system.speed": "fixed", "system.deadline_steps": None,
-                  "system.stragglers": "drop", "aggregator._target_": "src.server.robust.Mean"}
+                  "system.stragglers": "drop", "aggregator._target_": "src.server.robust.Mean",
+                  "compression._target_": "src.compression.NoCompression",
+                  "dp.enabled": False, "dp.noise_multiplier": 1.0, "dp.clip_norm": 1.0, "dp.adaptive": False,
+                  "dp.target_quantile": 0.5, "dp.clip_lr": 0.2, "dp.clip_count_stddev": None, "dp.delta": 1.0e-5,
+                  "dp.target_epsilon": None, "secagg.enabled": False, "secagg.threshold": None,
+                  "secagg.scale_bits": 16, "secagg.clip": 8.0, "secagg.dropout_upload": 0.0,
+                  "secagg.dropout_unmask": 0.0}
 # Partition settings written before issue 11's schemes: `Dirichlet` with alpha and size_sigma only
 # meant Hsu et al.'s Dir(alpha * p), now `HsuDirichlet` (partition=hsu); IID had size_sigma only.
 # They read as today's settings that reproduce those splits.

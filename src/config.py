@@ -23,6 +23,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from src.client.client import TrainSetup
 from src.data.device_data import DeviceDataset
 from src.errors import ConfigError
+from src.privacy import config_problems as dp_problems
+from src.secagg import config_problems as secagg_problems
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -81,6 +83,29 @@ class SystemSchema:
 
 
 @dataclass
+class DPSchema:
+    enabled: bool
+    noise_multiplier: float = field(metadata=check(lambda v: v > 0, "> 0"))
+    clip_norm: float = field(metadata=check(lambda v: v > 0, "> 0"))
+    adaptive: bool
+    target_quantile: float = field(metadata=check(lambda v: 0 < v < 1, "in (0, 1)"))
+    clip_lr: float = field(metadata=check(lambda v: v > 0, "> 0"))
+    clip_count_stddev: Optional[float] = field(metadata=check(lambda v: v > 0, "> 0"))
+    delta: float = field(metadata=check(lambda v: 0 < v < 1, "in (0, 1)"))
+    target_epsilon: Optional[float] = field(metadata=check(lambda v: v > 0, "> 0"))
+
+
+@dataclass
+class SecAggSchema:
+    enabled: bool
+    threshold: Optional[int] = field(metadata=check(lambda v: v >= 2, ">= 2"))
+    scale_bits: int = field(metadata=check(lambda v: 0 <= v <= 30, "in [0, 30]"))
+    clip: float = field(metadata=check(lambda v: v > 0, "> 0"))
+    dropout_upload: float = field(metadata=check(lambda v: 0 <= v < 1, "a probability in [0, 1)"))
+    dropout_unmask: float = field(metadata=check(lambda v: 0 <= v < 1, "a probability in [0, 1)"))
+
+
+@dataclass
 class CheckpointSchema:
     every: int = field(metadata=check(lambda v: v >= 1, ">= 1"))
     keep_round_models: bool
@@ -136,8 +161,8 @@ def _probe_client(node, cfg):
 
 
 def _probe_checked(node, cfg):
-    """A component with check(cfg) (the aggregator, the attack): its own argument checks, then its
-    checks against the run's other settings (the algorithm, the client settings)."""
+    """A component with check(cfg) (the aggregator, the attack, the compression): its own argument
+    checks, then its checks against the run's other settings (the algorithm, the client settings)."""
     problems = instantiate(node).check(cfg)
     if problems:
         raise ConfigError(problems)
@@ -160,6 +185,8 @@ class RunSchema:
     early_stopping: EarlyStoppingSchema
     system: SystemSchema
     checkpoint: CheckpointSchema
+    dp: DPSchema
+    secagg: SecAggSchema
     algo: Target = field(default_factory=lambda: Target(
         ("cfg", "run_dir"), nested={"client": Target(("client_id", "indices", "setup"), _probe_client)}))
     dataset: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
@@ -171,6 +198,7 @@ class RunSchema:
     logger: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
     engine: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
     attack: Target = field(default_factory=lambda: Target(probe=_probe_checked))
+    compression: Target = field(default_factory=lambda: Target(probe=_probe_checked))
     aggregator: Target = field(default_factory=lambda: Target(probe=_probe_checked))
 
 
@@ -367,5 +395,8 @@ def validate(cfg: DictConfig) -> None:
         if cfg.tta == "hflip" and not getattr(_target(cfg.dataset), "flip_invariant", False):
             problems.append(f"tta: hflip averages over mirror images, but {cfg.dataset._target_} is not "
                             "flip-invariant (a mirrored sample can change its label): use tta=none")
+        if cfg.dp.enabled:
+            problems += dp_problems(cfg)
+        problems += secagg_problems(cfg)
     if problems:
         raise ConfigError(problems)

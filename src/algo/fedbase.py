@@ -26,6 +26,8 @@ from src.errors import ConfigError, UserError
 from src.evaluation import ClientEvaluation, pooled_scores
 from src.hooks import CheckpointCadence, EMAEvaluation, JsonlTable, MetricsRecorder, ModelSelection, RoundHook
 from src.losses.proximal import ProximalTerm
+from src import privacy
+from src import secagg
 from src.system import SystemModel
 from src.utils.io import save_json, save_text, save_torch
 from src.utils.seeding import INIT, SELECTION, derive_seed, numpy_rng
@@ -110,6 +112,13 @@ class FedBase(Algo):
             self.hooks.insert(0, self.system)  # before the recorder writes the round's metrics
         self.attack = instantiate(cfg.attack)  # simulated attackers (src/attacks.py); attack=none adds nothing
         self.attack.install(self)
+        # update compression (src/compression.py): after the attack, before DP's clipping; none adds nothing
+        self.compression = instantiate(cfg.compression)
+        self.compression.install(self)
+        # central differential privacy (src/privacy.py): the last client transform; None with dp.enabled=false
+        self.dp = privacy.install(self, cfg.dp)
+        # secure aggregation (src/secagg.py): the server's intercept; None with secagg.enabled=false
+        self.secagg = secagg.install(self, **cfg.secagg)
 
     # ---- building --------------------------------------------------------------------------
     def build_setup(self) -> TrainSetup:
@@ -394,6 +403,9 @@ class FedBase(Algo):
         if per_client:
             results.update({f"final_{k}": v for k, v in per_client[-1].items()
                             if k.startswith(("client_acc_", "finetuned_acc_"))})
+        if self.dp is not None:
+            results.update(self.dp.results(results["rounds"]))
+        results.update(self.compression.totals(self.history))  # bytes up and down, summed
         results["train_time_s"] = sum(m["round_time_s"] for m in self.history)
         return results
 

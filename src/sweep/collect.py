@@ -34,6 +34,8 @@ class RunRecord:
     client_accuracy: Optional[float] = None   # final mean per-client accuracy (clients.test_fraction)
     worst10_accuracy: Optional[float] = None  # ... of the worst 10 % of clients
     jain_index: Optional[float] = None        # Jain's fairness index of the per-client accuracies
+    bytes_up: Optional[float] = None          # bytes the clients' updates took over the run (compression=...)
+    upload_ratio: Optional[float] = None      # ... against the same updates uncompressed (x times fewer)
     rounds_to_target: Optional[int] = None
     train_time_s: Optional[float] = None
     job_id: Optional[str] = None
@@ -76,6 +78,8 @@ def _read_run(run: Run, target: Optional[float]) -> RunRecord:
             record.client_accuracy = results.get("final_client_acc_mean")
             record.worst10_accuracy = results.get("final_client_acc_worst10")
             record.jain_index = results.get("final_client_acc_jain")
+            record.bytes_up, raw = results.get("bytes_up"), results.get("bytes_up_uncompressed")
+            record.upload_ratio = raw / record.bytes_up if record.bytes_up and raw else None
             return record
     elif exit_code not in (None, "0"):
         # 128+N: stopped by signal N (SIGTERM: cancelled, preempted or requeued), not an error of its own
@@ -211,10 +215,11 @@ class Summary:
 
 
 METRICS = ("final_accuracy", "best_accuracy", "final_loss", "rounds_to_target", "train_time_s",
-           "val_selected_accuracy", "client_accuracy", "worst10_accuracy", "jain_index")
-# columns of report.md shown only when a run reports them (validation split, per-client evaluation)
+           "val_selected_accuracy", "client_accuracy", "worst10_accuracy", "jain_index", "bytes_up", "upload_ratio")
+# columns of report.md shown only when a run reports them (validation split, per-client evaluation, compression)
 OPTIONAL_COLUMNS = {"val_selected_accuracy": ("val-selected acc (%)", 100, 2), "client_accuracy": ("client acc (%)", 100, 2),
-                    "worst10_accuracy": ("worst-10% acc (%)", 100, 2), "jain_index": ("Jain index", 1, 3)}
+                    "worst10_accuracy": ("worst-10% acc (%)", 100, 2), "jain_index": ("Jain index", 1, 3),
+                    "bytes_up": ("uploaded (MB)", 1e-6, 2), "upload_ratio": ("upload compression (x)", 1, 1)}
 
 
 def summarize(experiment: Experiment, records: list[RunRecord]) -> list[Summary]:

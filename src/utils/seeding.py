@@ -21,6 +21,9 @@ PARTITION, SELECTION, CLIENT_DATA, INIT = range(4)
 VALIDATION, CLIENT_TEST, FINETUNE = 4, 5, 6  # held-out splits (src/data/holdout.py), fine-tuning evaluation
 MALICIOUS, ATTACK_NOISE = 7, 8  # src/attacks.py: who the attackers are, Gaussian attack noise
 DROPOUT, SPEED = 9, 10  # src/system.py: which selected clients fail to report, client speeds
+DP_NOISE, DP_CLIP_NOISE = 11, 12  # src/privacy.py: noise on the sum of clipped updates, on the unclipped count
+COMPRESSION_INDICES, QSGD_ROUNDING = 13, 14  # src/compression.py: random-k's entries, QSGD's rounding
+SECAGG_KEYS, SECAGG_DROPOUT, SECAGG_SHARES = 15, 16, 17  # src/secagg.py: client secrets, dropouts, shares
 
 
 def rng_state() -> dict:
