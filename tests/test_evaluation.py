@@ -13,6 +13,7 @@ from src.data.holdout import client_holdout, stratified_holdout
 from src.errors import ConfigError
 from src.evaluation import fairness, grouped_scores, predict_log_probs
 from src.hooks import JsonlTable, ModelSelection
+from src.utils.io import load_torch
 from tests.inprocess import SMALL, build_algo, interrupted, metrics_without_times
 
 HELD_OUT = ["dataset.val_fraction=0.2", "clients.test_fraction=0.25", "num_rounds=4", "eval_every=1"]
@@ -98,7 +99,7 @@ def test_model_selection_and_early_stopping_on_a_fabricated_sequence(tmp_path):
     # best at round 2 (the tie at round 4 does not count as better); 3 rounds later, round 5, it stops
     assert stopped_at == 5 and selection.best(history)["round"] == 2
     assert saved == [True, True, False, False, False]
-    assert torch.load(tmp_path / "BEST_MODEL.pt")["w"] == 1.0  # the model of round 2
+    assert torch.load(tmp_path / "BEST_MODEL.pt", weights_only=True)["w"] == 1.0  # the model of round 2
     loss = ModelSelection(tmp_path, lambda: [{"round": 1, "val_loss": 0.3}, {"round": 2, "val_loss": 0.2}],
                           lambda: {}, "val_loss", None)
     assert loss.best(loss.history())["round"] == 2  # lower is better for a loss
@@ -175,13 +176,13 @@ def test_resume_bit_for_bit_with_every_evaluation_on(compose_cfg, tmp_path):
     straight.start(None)
     straight.fit()
     cut = interrupted(compose_cfg, tmp_path / "cut", settings, 2)
-    cut.start(torch.load(tmp_path / "cut" / "resume.pt", weights_only=False))
+    cut.start(load_torch(tmp_path / "cut" / "resume.pt"))
     cut.fit()
     assert metrics_without_times(straight) == metrics_without_times(cut)
     assert all(torch.equal(v, cut.server.global_state[k]) for k, v in straight.server.global_state.items())
     assert ((tmp_path / "straight" / "client_metrics.jsonl").read_text()
             == (tmp_path / "cut" / "client_metrics.jsonl").read_text())
-    best_a, best_b = (torch.load(tmp_path / d / "BEST_MODEL.pt") for d in ("straight", "cut"))
+    best_a, best_b = (torch.load(tmp_path / d / "BEST_MODEL.pt", weights_only=True) for d in ("straight", "cut"))
     assert all(torch.equal(v, best_b[k]) for k, v in best_a.items())
 
 

@@ -412,7 +412,8 @@ class FedBase(Algo):
 
 def config_hash(cfg: DictConfig) -> str:
     """sha256 of the resolved config as canonical JSON: equal for runs with the same settings."""
-    text = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, separators=(",", ":"),
+                      allow_nan=False)  # validated configs hold finite numbers only
     return hashlib.sha256(text.encode()).hexdigest()
 
 
