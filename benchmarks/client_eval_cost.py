@@ -15,24 +15,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from src.algo import FedAvg  # noqa: E402
-from src.config import validate  # noqa: E402
-from timing import timed  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import build_fedavg, timed  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 def build(device: str, test_fraction: float, run_dir: Path) -> FedAvg:
     overrides = [f"device={device}", f"clients.test_fraction={test_fraction}", "logger.mode=disabled"]
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    validate(cfg)
-    return FedAvg(cfg=cfg, run_dir=run_dir, server=cfg.algo.server)
+    return build_fedavg(overrides, run_dir)
 
 
 def main() -> None:

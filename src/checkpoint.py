@@ -5,6 +5,7 @@ superclients. A part saves (state_dict), checks (check_state: problems as 'path:
 (load_state_dict) itself; Checkpoint checks every part before it loads any, so a refused
 checkpoint changes nothing. Files written before the parts existed have the same entries and load
 as they are; a part added since (`optional`) stays as a fresh run starts it when its entry is missing."""
+from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 import torch
@@ -12,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.client.client import TrainSetup
-from src.client.state_store import ClientStateStore, copy_to
+from src.client.state_store import ClientStateStore, copy_to, is_reference
 from src.errors import UserError
 from src.utils.seeding import rng_state, set_rng_state
 
@@ -25,9 +26,11 @@ ADDED_SETTINGS = {"algo.prox_mu": 0.0, "engine._target_": "src.engine.Sequential
                   "compression._target_": "src.compression.NoCompression",
                   "dp.enabled": False, "dp.noise_multiplier": 1.0, "dp.clip_norm": 1.0, "dp.adaptive": False,
                   "dp.target_quantile": 0.5, "dp.clip_lr": 0.2, "dp.clip_count_stddev": None, "dp.delta": 1.0e-5,
-                  "dp.target_epsilon": None, "secagg.enabled": False, "secagg.threshold": None,
+                  "dp.target_epsilon": None, "local_dp.enabled": False, "local_dp.noise_multiplier": 1.0,
+                  "local_dp.clip_norm": 1.0, "local_dp.delta": 1.0e-5, "local_dp.target_epsilon": None,
+                  "secagg.enabled": False, "secagg.threshold": None,
                   "secagg.scale_bits": 16, "secagg.clip": 8.0, "secagg.dropout_upload": 0.0,
-                  "secagg.dropout_unmask": 0.0}
+                  "secagg.dropout_unmask": 0.0, "broadcast.bits": None}
 # Partition settings written before issue 11's schemes: `Dirichlet` with alpha and size_sigma only
 # meant Hsu et al.'s Dir(alpha * p), now `HsuDirichlet` (partition=hsu); IID had size_sigma only.
 # They read as today's settings that reproduce those splits.
@@ -81,7 +84,12 @@ class Checkpoint:
                             f"{self.owner}. Pass resume= a checkpoint of this run, or start afresh in a new "
                             "directory (hydra.run.dir=NEW_DIR). Nothing was changed.")
         check_resumable(state["config"], OmegaConf.to_container(self.cfg, resolve=True), self.cfg)
-        problems = [p for k, part in self.parts.items() if k in state for p in part.check_state(state[k])]
+        problems, refusals = [], []
+        for key, part in self.parts.items():
+            try:
+                problems += part.check_state(state[key]) if key in state else []
+            except UserError as e:  # a part's own refusal (a missing client file) comes after any mismatch
+                refusals.append(e)
         rounds = len(state[HISTORY]) if isinstance(state.get(HISTORY), list) else None
         if not 0 <= state["round"] or (HISTORY in self.parts and rounds != state["round"]):
             problems.append(f"round {state['round']}: does not match the {rounds} rounds of its history")
@@ -90,6 +98,8 @@ class Checkpoint:
             raise UserError(f"the resume checkpoint does not fit this run's model and algorithm ({shown}): it was "
                             "written by another model or code version. Pass resume= a checkpoint of this run, or "
                             "start afresh in a new directory (hydra.run.dir=NEW_DIR). Nothing was changed.")
+        if refusals:
+            raise refusals[0]
 
     def load(self, state: dict) -> None:
         self.check(state)
@@ -114,10 +124,11 @@ class ServerPart:
 
 
 class ClientStorePart:
-    """Every client's committed state (the disk store writes its files when loaded)."""
+    """Every client's committed state; the disk store's as references to its files, which lie in
+    `source` (the client_state folder beside the resume.pt being continued)."""
 
-    def __init__(self, store: ClientStateStore, setup: TrainSetup, num_clients: int):
-        self.store, self.setup, self.num_clients = store, setup, num_clients
+    def __init__(self, store: ClientStateStore, setup: TrainSetup, num_clients: int, source: Path):
+        self.store, self.setup, self.num_clients, self.source = store, setup, num_clients, source
 
     def state_dict(self):
         return self.store.state_dict()
@@ -125,10 +136,17 @@ class ClientStorePart:
     def check_state(self, saved) -> list[str]:
         if not isinstance(saved, dict):
             return ["client_states: not a mapping"]
+        references = sum(map(is_reference, saved.values()))
+        if references and (self.store.where != "disk" or references < len(saved)):
+            return [f"client_states: {references} of its {len(saved)} clients are file references, which only "
+                    "client.state_store=disk writes, for every client"]
         problems = []
         for cid, client_state in saved.items():
             if not (str(cid).isdigit() and int(cid) < self.num_clients):
                 problems.append(f"client_states: client {cid!r} is not one of this run's {self.num_clients}")
+            elif is_reference(client_state):  # one file at a time, memory-mapped: never all in memory
+                path = self.store.referenced_file(int(cid), client_state, self.source)
+                problems += self.client_mismatches(self.store.read_referenced(path), str(path))
             else:
                 problems += self.client_mismatches(client_state, f"client_states.{cid}")
         return problems
@@ -159,7 +177,7 @@ class ClientStorePart:
         return problems
 
     def load_state_dict(self, saved) -> None:
-        self.store.load_state_dict(saved)
+        self.store.load_state_dict(saved, self.source)
 
 
 class ScalerPart:

@@ -11,7 +11,7 @@ from typing import Optional
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, HydraException
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -68,6 +68,18 @@ def unknown_keys_message(error: Exception, overrides: list[str]) -> Optional[str
     return f"unknown keys {listed}: check their spelling ({tail})"
 
 
+def missing_option_message(error: Exception) -> Optional[str]:
+    """For Hydra's error when an override picks an option a config group does not have (logger=none):
+    one message naming the file that is missing and the group's options. None for any other error."""
+    if not isinstance(error, MissingConfigException) or not error.missing_cfg_file:
+        return None
+    missing = error.missing_cfg_file
+    group = missing.rpartition("/")[0]
+    choices = f"the options of {group} are {', '.join(error.options)}" if error.options else (
+        f"see the files under config/{group}/ for the options")
+    return f"there is no config/{missing}.yaml: {choices}"
+
+
 def _first_job(overrides: list[str]) -> Optional[list[str]]:
     """The overrides of the first job a sweep (`-m`) would launch, without Hydra's own settings
     (its keys are its to check); None when a sweep cannot be enumerated here (glob, interval)."""
@@ -86,7 +98,8 @@ def _first_job(overrides: list[str]) -> Optional[list[str]]:
 
 def check_command_line(argv: Optional[list[str]] = None) -> None:
     """Exit with status 2 and one message if train.py's overrides name keys the config lacks.
-    Everything else (bad syntax, a missing group option, a custom --config-*) is left to Hydra."""
+    or pick an option a config group lacks. Everything else (bad syntax, a custom --config-*) is left
+    to Hydra."""
     args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.help or args.hydra_help or args.shell_completion or args.experimental_rerun or \
             args.config_path or args.config_name or args.config_dir:
@@ -102,7 +115,7 @@ def check_command_line(argv: Optional[list[str]] = None) -> None:
             compose(CONFIG_NAME, overrides=overrides)
             return
         except HydraException as e:
-            message = unknown_keys_message(e, overrides)
+            message = unknown_keys_message(e, overrides) or missing_option_message(e)
     if message is not None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

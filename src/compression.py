@@ -31,7 +31,18 @@ norm), sign ceil(n / 8) + 4 (the scale), and buffers and payloads at their dtype
 bytes_up_uncompressed, the same update as FedAvg sends it (32-bit floats); bytes_down, what the
 server's broadcast (send_data: the global model, SCAFFOLD's control) takes, once per update. An update
 is a chain's (a FedSeq superclient's counts once); a client that drops out before training sends and
-receives nothing, one dropped as non-finite is counted (it was sent). The broadcast is not compressed."""
+receives nothing, one dropped as non-finite is counted (it was sent).
+
+The broadcast (`broadcast.bits`, off by default) can be compressed too, the way Caldas et al.
+("Expanding the Reach of Federated Learning by Reducing Client Resource Requirements", 2018) compress
+the server-to-client model: with partial participation a client selected now missed the broadcasts
+of the rounds it sat out, so what is sent is the model itself, not a delta. Each trainable tensor of G
+is quantized stochastically to `bits` bits (QSGD's rounding with the max-norm as scale: unbiased, one
+draw per round from stream BROADCAST_ROUNDING, the same model for every client of the round); the
+client trains from that Q(G), and its update counts from where it started: the first client-side
+transform turns w_i into G + (w_i - Q(G)), so the attack, the uplink compression and DP's clip all
+see the client's own change. bytes_down then counts ceil(b n / 8) + 4 per tensor. With
+compression=none the uplink is sent as it is and counted at float32."""
 import math
 from fractions import Fraction
 from typing import Optional
@@ -41,7 +52,7 @@ import torch
 from src.client.client import ClientUpdate
 from src.hooks import RoundHook
 from src.transforms import UpdateTransform
-from src.utils.seeding import COMPRESSION_INDICES, QSGD_ROUNDING, torch_generator
+from src.utils.seeding import BROADCAST_ROUNDING, COMPRESSION_INDICES, QSGD_ROUNDING, torch_generator
 
 RESIDUAL = "compression_residual"  # the client state store's entry for the error-feedback residual
 INDEX_BYTES = VALUE_BYTES = 4  # int32 indices, float32 values and scales
@@ -76,6 +87,7 @@ class Compressor(UpdateTransform):
 
     name = "compression"
     stream: Optional[int] = None  # the seeding stream of a randomized kind
+    broadcast: Optional["Broadcast"] = None  # the compressed broadcast, when broadcast.bits is set
 
     def __init__(self, error_feedback: bool = False):
         self.error_feedback = error_feedback
@@ -115,8 +127,8 @@ class Compressor(UpdateTransform):
         if self.error_feedback:
             store.update(client_id, {RESIDUAL: kept})
         as_is = nbytes({k: v for k, v in update.state.items() if k not in sent}) + nbytes(update.extra)
-        self.meter.add(up=size + as_is, up_uncompressed=nbytes(update.state) + nbytes(update.extra),
-                       down=nbytes(self.center.send_data()))
+        down = nbytes(self.center.send_data()) if self.broadcast is None else self.broadcast.nbytes()
+        self.meter.add(up=size + as_is, up_uncompressed=nbytes(update.state) + nbytes(update.extra), down=down)
         return update._replace(state={**update.state, **sent})
 
     def totals(self, history: list[dict]) -> dict:
@@ -173,20 +185,33 @@ class RandomK(Compressor):
         return torch.zeros_like(x).index_copy_(0, idx, values), VALUE_BYTES * k
 
 
+class Identity(Compressor):
+    """compression=none beside a compressed broadcast: the update is sent as it is, and counted."""
+
+    name = "none"
+
+    def compress(self, x, gen):
+        return x, VALUE_BYTES * x.numel()
+
+
 class QSGD(Compressor):
     name = "qsgd"
     stream = QSGD_ROUNDING
 
-    def __init__(self, bits: int = 8, error_feedback: bool = False):
+    def __init__(self, bits: int = 8, error_feedback: bool = False, norm: str = "l2"):
         super().__init__(error_feedback)
         if not 2 <= bits <= 32:
             raise ValueError(f"bits is what one entry takes, its sign included, in [2, 32] (2: ternary), got {bits}")
-        self.bits = bits
+        if norm not in ("l2", "max"):
+            raise ValueError(f"norm is the scale the levels divide: l2 (QSGD's) or max (the largest magnitude), "
+                             f"got {norm!r}")
+        self.bits, self.norm = bits, norm
         self.levels = 2 ** (bits - 1) - 1  # s: the level l in 0..s and the sign fit in `bits` bits
 
     def compress(self, x, gen):
         s = self.levels
-        norm = torch.linalg.vector_norm(x)
+        # l2: QSGD's; max spreads the levels over the entries' range (a model's weights, not a sparse delta)
+        norm = torch.linalg.vector_norm(x) if self.norm == "l2" else x.abs().max()
         # |x_j| / ||x|| <= 1, but rounding can pass it by an ulp: clamp so that no level exceeds s
         r = (x.abs() / norm.clamp_min(torch.finfo(x.dtype).tiny) * s).clamp_(max=s)
         low = r.floor()
@@ -203,6 +228,58 @@ class Sign(Compressor):
     def compress(self, x, gen):
         scale = x.abs().mean()  # ||x||_1 / n
         return torch.where(x >= 0, scale, -scale), math.ceil(x.numel() / 8) + VALUE_BYTES
+
+
+class Broadcast(UpdateTransform):
+    """The server's broadcast quantized to `bits` bits per entry (see the module's docstring)."""
+
+    def __init__(self, bits: int):
+        self.quantizer = QSGD(bits, norm="max")
+        self._sent: Optional[tuple] = None  # (round, the global state quantized, what was quantized)
+
+    def install(self, algo) -> None:
+        """Called once by FedBase, after the uplink compression, before DP."""
+        self.seed, self.center, self.params = algo.cfg.seed, algo.server, list(algo.setup.param_names)
+        self.round = lambda: algo.round
+        algo.send_data = self.send
+        algo.transforms.insert(0, self)  # first: every later transform sees the update relative to G
+        if not isinstance(algo.compression, Compressor):
+            algo.compression = Identity()
+            algo.compression.install(algo)
+        algo.compression.broadcast = self
+
+    def quantized(self) -> dict[str, torch.Tensor]:
+        """Q(G) of this round's global model, drawn once per round."""
+        g = self.center.global_state
+        if self._sent is None or self._sent[0] != self.round() or self._sent[2] is not g:
+            gen = torch_generator(g[self.params[0]].device, self.seed, BROADCAST_ROUNDING, self.round())
+            q = {k: self.quantizer.compress(g[k].flatten(), gen)[0].view_as(g[k]) for k in self.params}
+            self._sent = (self.round(), {**g, **q}, g)
+        return self._sent[1]
+
+    def send(self) -> dict:
+        return {**self.center.send_data(), "global_state": self.quantized()}
+
+    def nbytes(self) -> int:
+        """What one client receives: the quantized tensors, and the rest of send_data as it is."""
+        data = self.center.send_data()
+        g = data["global_state"]
+        quantized = sum(math.ceil(self.quantizer.bits * g[k].numel() / 8) + VALUE_BYTES for k in self.params)
+        rest = {**data, "global_state": {k: v for k, v in g.items() if k not in set(self.params)}}
+        return quantized + nbytes(rest)
+
+    def client(self, update: ClientUpdate, client_id: int, store) -> ClientUpdate:
+        g, q = self.center.global_state, self.quantized()
+        return update._replace(state={**update.state, **{k: g[k] + (update.state[k] - q[k]) for k in self.params}})
+
+
+def install_broadcast(algo, bits: Optional[int]) -> Optional[Broadcast]:
+    """The `broadcast:` settings into FedBase `algo` (None with broadcast.bits=null)."""
+    if bits is None:
+        return None
+    broadcast = Broadcast(bits)
+    broadcast.install(algo)
+    return broadcast
 
 
 class BytesMeter(RoundHook):

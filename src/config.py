@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from src.client.client import TrainSetup
 from src.data.device_data import DeviceDataset
 from src.errors import ConfigError
+from src.local_dp import config_problems as local_dp_problems
 from src.privacy import config_problems as dp_problems
 from src.secagg import config_problems as secagg_problems
 
@@ -96,6 +97,15 @@ class DPSchema:
 
 
 @dataclass
+class LocalDPSchema:
+    enabled: bool
+    noise_multiplier: float = field(metadata=check(lambda v: v > 0, "> 0"))
+    clip_norm: float = field(metadata=check(lambda v: v > 0, "> 0"))
+    delta: float = field(metadata=check(lambda v: 0 < v < 1, "in (0, 1)"))
+    target_epsilon: Optional[float] = field(metadata=check(lambda v: v > 0, "> 0"))
+
+
+@dataclass
 class SecAggSchema:
     enabled: bool
     threshold: Optional[int] = field(metadata=check(lambda v: v >= 2, ">= 2"))
@@ -103,6 +113,11 @@ class SecAggSchema:
     clip: float = field(metadata=check(lambda v: v > 0, "> 0"))
     dropout_upload: float = field(metadata=check(lambda v: 0 <= v < 1, "a probability in [0, 1)"))
     dropout_unmask: float = field(metadata=check(lambda v: 0 <= v < 1, "a probability in [0, 1)"))
+
+
+@dataclass
+class BroadcastSchema:
+    bits: Optional[int] = field(metadata=check(lambda v: 2 <= v <= 32, "in [2, 32]"))
 
 
 @dataclass
@@ -186,7 +201,9 @@ class RunSchema:
     system: SystemSchema
     checkpoint: CheckpointSchema
     dp: DPSchema
+    local_dp: LocalDPSchema
     secagg: SecAggSchema
+    broadcast: BroadcastSchema
     algo: Target = field(default_factory=lambda: Target(
         ("cfg", "run_dir"), nested={"client": Target(("client_id", "indices", "setup"), _probe_client)}))
     dataset: Target = field(default_factory=lambda: Target(probe=lambda n, c: instantiate(n)))
@@ -397,6 +414,8 @@ def validate(cfg: DictConfig) -> None:
                             "flip-invariant (a mirrored sample can change its label): use tta=none")
         if cfg.dp.enabled:
             problems += dp_problems(cfg)
+        if cfg.local_dp.enabled:
+            problems += local_dp_problems(cfg)
         problems += secagg_problems(cfg)
     if problems:
         raise ConfigError(problems)

@@ -6,12 +6,15 @@ Per-client evaluation is one pass over all clients' held-out samples with the gl
 per-client sums come from index_add_ over each sample's owner, so its cost is that of evaluating
 the same number of pooled samples, whatever the number of clients."""
 import math
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from src.client.client import TrainSetup
 from src.data.device_data import DeviceDataset
+from src.engine.base import Engine
 from src.utils.seeding import FINETUNE, torch_generator
 
 
@@ -26,15 +29,26 @@ def predict_log_probs(model: torch.nn.Module, x: torch.Tensor, tta: str) -> torc
 
 
 @torch.no_grad()
-def pooled_scores(model: torch.nn.Module, data: DeviceDataset, batch_size: int, tta: str) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` on all of `data`, with one host sync."""
+def pooled_scores(model: torch.nn.Module, data: DeviceDataset, batch_size: int, tta: str,
+                  engine: Optional[Engine] = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` on all of `data`, with one host sync. With a
+    distributed `engine`, each process scores its share of the batches and every batch's sums are
+    then added in batch order, as one process adds them: the same figures for any number of processes."""
     model.eval()
+    count = -(-len(data) // batch_size)
+    rows = torch.zeros(count, 2, device=data.y.device)  # per batch: summed cross-entropy, correct predictions
+    for b in engine.batches(count) if engine is not None else range(count):
+        x, y = data.x[b * batch_size:(b + 1) * batch_size], data.y[b * batch_size:(b + 1) * batch_size]
+        log_probs = predict_log_probs(model, x, tta)
+        rows[b, 0] = F.nll_loss(log_probs, y, reduction="sum")
+        rows[b, 1] = (log_probs.argmax(1) == y).sum()
+    if engine is not None:
+        rows = engine.combine(rows)
     loss_sum = torch.zeros((), device=data.y.device)
     correct = torch.zeros((), device=data.y.device)
-    for x, y in zip(data.x.split(batch_size), data.y.split(batch_size)):
-        log_probs = predict_log_probs(model, x, tta)
-        loss_sum += F.nll_loss(log_probs, y, reduction="sum")
-        correct += (log_probs.argmax(1) == y).sum()
+    for loss_b, correct_b in rows:
+        loss_sum += loss_b
+        correct += correct_b
     loss, acc = (torch.stack([loss_sum, correct]) / len(data)).tolist()
     return loss, acc
 

@@ -138,6 +138,7 @@ class CentralDP(UpdateTransform):
         self._unclipped: dict[int, torch.Tensor] = {}  # the round's b_i, by sender, until the server has them
         self._reported: list[torch.Tensor] = []  # the b_i of the updates the server sums (admitted ones)
         self._metrics: dict = {}
+        self.secure = False  # True under secure aggregation: the noise goes on the secure sum (src/secagg.py)
 
     def install(self, algo) -> None:
         """Called once by FedBase, after the other transforms: clipping bounds what is sent."""
@@ -167,22 +168,35 @@ class CentralDP(UpdateTransform):
 
     # ---- server side ---------------------------------------------------------------------------
     def server(self, update: ClientUpdate) -> ClientUpdate:
-        self._reported.append(self._unclipped.pop(update.sender))
+        if not self.secure:  # under secagg the count arrives inside the secure sum
+            self._reported.append(self._unclipped.pop(update.sender))
         return update
 
+    def unclipped(self, sender: int) -> torch.Tensor:
+        """b_i of `sender`'s update, for secure aggregation to sum with the update."""
+        return self._unclipped.pop(sender)
+
     def noisy_mean(self, mean: dict[str, torch.Tensor], sums: Sums, g: dict[str, torch.Tensor]) -> dict:
-        """G + (sum of the clipped deltas + N(0, (z_Delta C)^2)) / m, from the round's uniform mean;
-        then C's adaptive step. `sums.updates` is not kept: the sum is count * (mean - G)."""
+        """G + (sum of the clipped deltas + N(0, (z_Delta C)^2)) / m, from the round's uniform mean.
+        `sums.updates` is not kept: the sum is count * (mean - G)."""
+        scaled = {k: (mean[k] - g[k]) * (sums.count / self.m) for k in self.params}
+        unclipped = float(torch.stack(self._reported).sum())  # the round's one host sync
+        return {**mean, **self.release(scaled, unclipped, sums.count, g)}
+
+    def release(self, scaled_sum: dict[str, torch.Tensor], unclipped: float, count: int,
+                g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The noisy parameters G + scaled_sum + N(0, (z_Delta C)^2) / m, `scaled_sum` the sum of the
+        `count` clipped deltas divided by m, `unclipped` how many of them were not clipped; then C's
+        adaptive step."""
         round_idx = self.round()
         gen = torch_generator(next(iter(g.values())).device, self.seed, DP_NOISE, round_idx)
         std = self.z_delta * self.clip_norm
-        noisy = dict(mean)
+        noisy = {}
         for k in self.params:
             noise = torch.randn(g[k].shape, generator=gen, device=g[k].device, dtype=g[k].dtype)
-            noisy[k] = g[k] + (mean[k] - g[k]) * (sums.count / self.m) + noise * (std / self.m)
-        unclipped = float(torch.stack(self._reported).sum())  # the round's one host sync
+            noisy[k] = g[k] + scaled_sum[k] + noise * (std / self.m)
         self._metrics = {"dp_clip_norm": self.clip_norm, "dp_noise_std": std / self.m,
-                         "dp_clipped_fraction": 1 - unclipped / sums.count}
+                         "dp_clipped_fraction": 1 - unclipped / count}
         if self.adaptive:
             b_bar = (unclipped + numpy_rng(self.seed, DP_CLIP_NOISE, round_idx).normal(0.0, self.sigma_b)) / self.m
             self.clip_norm *= math.exp(-self.clip_lr * (b_bar - self.gamma))
@@ -216,7 +230,9 @@ class NoisyMean(Mean):
 
     def __call__(self, sums: Sums, center: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
         mean = sums.mean.result()
-        return None if mean is None else self.dp.noisy_mean(mean, sums, center)
+        if mean is None or self.dp.secure:  # secure aggregation hands over one update, already noised
+            return mean
+        return self.dp.noisy_mean(mean, sums, center)
 
     def metrics(self) -> dict:
         return self.dp.round_metrics()

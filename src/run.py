@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,7 @@ from src import hydra_hooks
 from src.algo.base import TrainingDiverged, TrainingInterrupted
 from src.checkpoint import check_resumable, settings_differences
 from src.config import validate
+from src.engine import distributed
 from src.errors import UserError
 from src.run_dir import LOCK_FILE, RUN_OUTPUTS, RunDirLock, check_writable, remove_temporaries, saved_config
 from src.sweep.protocol import RESULTS_FILE, RESUME_FILE
@@ -117,6 +119,18 @@ def attach_log_file(run_dir: Path) -> None:
 
 def run(cfg: DictConfig, run_dir: Path, hydra_cfg: Optional[DictConfig] = None) -> dict:
     validate(cfg)
+    world = distributed.join(cfg)  # engine=distributed: this process's rank; otherwise rank 0 of 1
+    if world.rank:
+        results = follow(cfg, run_dir, world)
+    else:
+        with world.leading() as started:
+            results = lead(cfg, run_dir, hydra_cfg, started)
+    world.leave()
+    return results
+
+
+def lead(cfg: DictConfig, run_dir: Path, hydra_cfg: Optional[DictConfig], started=lambda state: None) -> dict:
+    """The run, in its only process or in rank 0 of a distributed one; `started(state)` once accepted."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunDirLock(run_dir):
         check_writable(run_dir)
@@ -134,6 +148,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: Optional[DictConfig] = None) 
             check_fresh_start(run_dir, current)
         algo = build(cfg, run_dir)
         if state is not None:
+            algo.resume_from = checkpoint  # the disk client store's files lie beside it
             algo.check_state(state)
         # accepted: from here on the run directory is written
         remove_temporaries(run_dir)
@@ -144,10 +159,31 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: Optional[DictConfig] = None) 
         algo.start(state)
         if state is not None:
             log.info("continuing from %s (round %d)", checkpoint, state["round"])
+        started((run_dir, state))
         results = algo.fit()
         log.info("final test accuracy %.2f%% after %d rounds; results in %s",
                  100 * (results["final_test_accuracy"] or 0.0), results["rounds"], run_dir / RESULTS_FILE)
         return results
+
+
+def follow(cfg: DictConfig, run_dir: Path, world) -> dict:
+    """A distributed run's process of rank > 0: once rank 0 has accepted the run, the same replica
+    from the same state, in a scratch folder of its own (rank 0 alone writes the run directory),
+    logging only errors. It exits with rank 0's code when rank 0 does not start the run."""
+    logging.getLogger().setLevel(logging.ERROR)
+    code, started = world.share(None)
+    if code or started == distributed.FINISHED:
+        remove_created_run_dir(run_dir)
+        if code:
+            sys.exit(code)
+        return {}
+    leader_dir, state = started
+    if run_dir.absolute() != Path(leader_dir).absolute():  # the default run folder names each process's pid
+        remove_created_run_dir(run_dir)
+    with tempfile.TemporaryDirectory(prefix=f"fedsim-rank{world.rank}-") as scratch:
+        algo = build(cfg, Path(scratch))
+        algo.start(state)
+        return algo.fit()
 
 
 def report(message: str) -> None:

@@ -31,7 +31,14 @@ What each client sends is computed from its own update and its own secrets only;
   (a warning, secagg_aborted: 1).
 The server divides the unmasked sum by the number of clients whose input it holds: FedAvg with
 uniform weights, so sample weighting is refused (algo=fairavg). Each round's secrets are a pure
-function of (seed, round, client): nothing to checkpoint, resume is bit for bit."""
+function of (seed, round, client): nothing to checkpoint, resume is bit for bit.
+
+With central DP (dp.enabled, src/privacy.py) the two compose the way DP-FedAvg is deployed: clients
+clip before masking, each appends its unclipped bit b_i as one more coordinate (adaptive clipping's
+count is summed securely too), and the server adds DP's Gaussian noise to the unmasked sum and
+divides by the fixed m, DP's estimator: the server learns the sum of the clipped updates, never one
+of them, and what it releases is noised. The noise is the one DP alone would draw, so the result
+differs from DP without secagg only by the quantization."""
 import logging
 from typing import NamedTuple, Optional
 
@@ -204,6 +211,7 @@ class SecureAggregation(RoundHook):
         self.seed, self.threshold, self.scale_bits, self.clip = seed, threshold, scale_bits, clip
         self.dropout = (dropout_upload, dropout_unmask)
         self.stats: dict = {}
+        self.dp = None  # central DP, when install finds it
 
     def t(self, n: int) -> int:
         """The Shamir threshold for a round that n clients join: secagg.threshold or a majority."""
@@ -229,6 +237,9 @@ class SecureAggregation(RoundHook):
         if problems:
             raise ConfigError(problems)
         self.server, self.round, self.num_clients = server, lambda: algo.round, len(algo.clients)
+        self.dp = algo.dp  # central DP, installed before: its noise goes on the secure sum
+        if self.dp is not None:
+            self.dp.secure = True
         server.intercept = self.aggregate
         algo.hooks.insert(0, self)  # before the recorder writes the round's metrics
 
@@ -239,6 +250,9 @@ class SecureAggregation(RoundHook):
         floats = [k for k, v in g.items() if v.is_floating_point()]
         round_idx = self.round()
         deltas = torch.stack([torch.cat([(u.state[k] - g[k]).flatten() for k in floats]) for u in updates])
+        if self.dp is not None:  # each client's unclipped bit b_i, summed with its update
+            bits = torch.stack([self.dp.unclipped(u.sender) for u in updates]).to(deltas.dtype)
+            deltas = torch.cat([deltas, bits.view(-1, 1)], dim=1)
         quantized, clipped = quantize(deltas, self.clip, self.scale_bits)
         ids = [u.sender for u in updates]
         lost = [self.lost(phase, round_idx, ids) for phase in (0, 1)]
@@ -251,12 +265,19 @@ class SecureAggregation(RoundHook):
             log.warning("round %d: secure aggregation aborted (%s): the global model stays as it is",
                         round_idx + 1, outcome.reason)
             return []
-        mean = dequantize(outcome.total, self.scale_bits) / len(outcome.received)
-        state, offset = dict(updates[-1].state), 0  # integer buffers: the last update's, as WeightedMean takes
+        total = dequantize(outcome.total, self.scale_bits)
+        # the plain mean over the inputs received, or with DP the sum over the fixed m, noise to come
+        divisor = len(outcome.received) if self.dp is None else self.dp.m
+        scaled, offset = {}, 0
         for k in floats:
             n = g[k].numel()
-            state[k] = g[k] + mean[offset:offset + n].view_as(g[k]).to(g[k].dtype)
+            scaled[k] = (total[offset:offset + n] / divisor).view_as(g[k]).to(g[k].dtype)
             offset += n
+        state = dict(updates[-1].state)  # integer buffers: the last update's, as WeightedMean takes
+        if self.dp is None:
+            state.update({k: g[k] + scaled[k] for k in floats})
+        else:
+            state.update(self.dp.release(scaled, float(total[-1]), len(outcome.received), g))
         return [updates[-1]._replace(state=state, sender=None)]
 
     def lost(self, phase: int, round_idx: int, ids: list[int]) -> frozenset:
@@ -301,7 +322,4 @@ def config_problems(cfg) -> list[str]:
         problems.append(f"secagg.clip / secagg.scale_bits: {n} updates of coordinates up to clip={s.clip} at scale "
                         f"2^{s.scale_bits} sum to up to {peak:.3g}, past the 2^31 that Z_(2^32) holds signed: lower "
                         "secagg.scale_bits or secagg.clip")
-    if cfg.dp.enabled:
-        problems.append("secagg: with dp.enabled the DP noise is added to the sum by the server's aggregator, which "
-                        "this simulation does not hand the secure sum to yet: use one of dp.enabled / secagg.enabled")
     return problems

@@ -34,6 +34,17 @@ def test_train_py_reports_every_misspelt_key_once_and_starts_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("logger=none", "there is no config/logger/none.yaml: the options of logger are wandb"),
+    ("compression=topk", "there is no config/compression/topk.yaml: the options of compression are none, qsgd, "
+                         "random_k, sign, top_k"),
+])
+def test_an_option_a_group_lacks_gets_one_message_and_exit_2(capsys, override, message):
+    with pytest.raises(SystemExit) as e:
+        check_command_line([override, "--cfg", "job"])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_what_hydra_accepts_still_works(tmp_path):
     proc = run_train(tmp_path / "run", "algo=scaffold", "algo.client.option=I", "+optimizer.extra=1", "++seed=3",
                      "~algo.server.weighting", "hydra.job.name=x", "hydra/launcher=basic", "algo.prox_mu=0.1",

@@ -106,12 +106,12 @@ def test_optimizer_state_restored_bit_for_bit_from_each_store_and_after_resume(w
     for i in saved:
         assert torch.equal(restored[i]["momentum_buffer"], saved[i]["momentum_buffer"])
     if where == "disk":
-        assert (tmp_path / "state" / "7" / "state.pt").is_file()
+        assert (tmp_path / "state" / "7" / "state.1.pt").is_file()  # committed at the store's second commit
 
     # the state survives a checkpoint round trip into a fresh store
     checkpoint = store.state_dict()
     fresh = ClientStateStore(where, torch.device("cpu"), tmp_path / "state2")
-    fresh.load_state_dict(checkpoint)
+    fresh.load_state_dict(checkpoint, source=store.directory)  # the disk store's checkpoint names its files
     after = fresh.get(7)["optimizer"]["state"]
     before = store.get(7)["optimizer"]["state"]
     assert all(torch.equal(after[i]["momentum_buffer"], before[i]["momentum_buffer"]) for i in before)

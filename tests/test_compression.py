@@ -12,7 +12,7 @@ import torch
 from src.algo.base import RESULTS_FILE
 from src.client.client import ClientUpdate
 from src.client.state_store import ClientStateStore
-from src.compression import QSGD, RESIDUAL, NoCompression, RandomK, Sign, TopK, budget
+from src.compression import QSGD, RESIDUAL, Identity, NoCompression, RandomK, Sign, TopK, budget, install_broadcast
 from src.config import validate
 from src.errors import ConfigError
 from src.server import FedAvgServer
@@ -169,6 +169,63 @@ def test_bytes_by_hand(compressor, up, store):
     assert NoCompression().totals(history) == {}
 
 
+# ---- the compressed broadcast ------------------------------------------------------------------------
+def test_qsgd_with_the_max_norm_puts_the_largest_entry_on_the_top_level():
+    x = torch.tensor([0.3, -0.6, 0.1, 0.0])
+    q = QSGD(3, norm="max")  # s = 3 levels of 0.6 / 3 = 0.2
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([q.compress(x, gen)[0] for _ in range(10000)])
+    assert torch.allclose(draws[:, 1], x[1].expand(10000))  # the top level: always sent as it is
+    low, high = torch.isclose(draws[:, 0], torch.tensor(0.2)), torch.isclose(draws[:, 0], torch.tensor(0.4))
+    assert (low | high).all() and low.any() and high.any()  # 0.3 is 1.5 levels: rounded to one or two
+    assert draws[:, 3].eq(0).all()
+    # per-entry variance at most (0.2 / 2)^2 = 0.01: the mean of 10^4 is within 0.001 (1 sd)
+    assert torch.allclose(draws.mean(0), x, atol=0.005)
+
+
+def test_broadcast_quantizes_the_model_once_per_round_and_updates_count_from_it(store):
+    g = {"w": torch.tensor([0.3, -0.6, 0.1, 0.0]), "count": torch.tensor(0)}
+    server = FedAvgServer("uniform")
+    server.set_global_state(g)
+    server.attach(["w"], 4)
+    algo = SimpleNamespace(cfg=SimpleNamespace(seed=0), server=server, round=0, hooks=[], transforms=[],
+                           setup=SimpleNamespace(param_names=["w"]), compression=NoCompression(),
+                           send_data=server.send_data)
+    broadcast = install_broadcast(algo, bits=3)
+    assert isinstance(algo.compression, Identity) and algo.transforms == [broadcast, algo.compression]
+    sent = algo.send_data()["global_state"]
+    assert sent is algo.send_data()["global_state"]  # every client of the round receives the same model
+    assert sent["count"] is server.global_state["count"] and sent["w"][1] == -0.6 and sent["w"][3] == 0
+    algo.round = 1
+    rounds = torch.stack([algo.send_data()["global_state"]["w"]] + [
+        (setattr(algo, "round", r), algo.send_data()["global_state"]["w"])[1] for r in range(2, 4000)])
+    assert torch.allclose(rounds.mean(0), g["w"], atol=0.01)  # unbiased over the rounds' draws
+    # the update counts from where the client started: G + (w - Q(G)), then sent as it is
+    q = algo.send_data()["global_state"]["w"]
+    trained = update(w=[1.0, 1.0, 1.0, 1.0], count=2)
+    out = broadcast.client(trained, 0, store)
+    assert torch.allclose(out.state["w"], g["w"] + (torch.ones(4) - q)) and out.state["count"] is trained.state["count"]
+    algo.compression.client(out, 0, store)
+    metrics = {}
+    algo.compression.meter.on_round_end(metrics)
+    # down: 4 entries of 3 bits in 2 bytes + a float32 scale, and the int64 buffer as it is
+    assert metrics == {"bytes_up": 4 * 4 + 8, "bytes_up_uncompressed": 4 * 4 + 8, "bytes_down": 2 + 4 + 8}
+
+
+def test_a_run_with_a_compressed_broadcast_counts_it_and_resumes_bit_for_bit(compose_cfg, tmp_path):
+    settings = [*SMALL, "broadcast.bits=8", "compression=top_k", "compression.fraction=0.1"]
+    straight = build_algo(compose_cfg, tmp_path / "straight", *settings)
+    straight.fit()
+    sizes = [straight.server.global_state[n].numel() for n in straight.setup.param_names]
+    assert all(m["bytes_down"] == 3 * sum(n + 4 for n in sizes) for m in straight.history)  # one byte an entry
+    assert all(m["bytes_up"] == 3 * sum(8 * math.ceil(n / 10) for n in sizes) for m in straight.history)
+    assert straight.history[-1]["test_accuracy"] > 0.5
+    resumed = resume(interrupted(compose_cfg, tmp_path / "cut", settings, 2))
+    resumed.fit()
+    assert metrics_without_times(resumed) == metrics_without_times(straight)
+    assert model_hash(resumed.server.global_state) == model_hash(straight.server.global_state)
+
+
 # ---- start-up checks ------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, expected", [
     (["compression=top_k", "compression.fraction=0"], "compression.fraction: src.compression.TopK refuses"),
@@ -176,6 +233,8 @@ def test_bytes_by_hand(compressor, up, store):
     (["compression=qsgd", "compression.bits=1"], "compression.bits: src.compression.QSGD refuses bits=1"),
     (["compression=random_k", "compression.error_feedback=true"], "compression.error_feedback: random_k with unbiased"),
     (["compression=sign", "+compression.fraction=0.1"], "compression.fraction: unknown key"),
+    (["broadcast.bits=1"], "broadcast.bits"),
+    (["compression=qsgd", "compression.norm=l1"], "compression.norm"),
 ])
 def test_bad_compression_settings_are_refused(compose_cfg, overrides, expected):
     with pytest.raises(ConfigError) as info:
@@ -221,7 +280,7 @@ def test_error_feedback_run_resumes_bit_for_bit(settings, compose_cfg, tmp_path)
     resumed.fit()
     assert metrics_without_times(resumed) == metrics_without_times(straight)
     assert model_hash(resumed.server.global_state) == model_hash(straight.server.global_state)
-    residuals = lambda a: {c: s[RESIDUAL] for c, s in a.setup.store.state_dict().items()}  # noqa: E731
+    residuals = lambda a: {c: a.setup.store.get(c)[RESIDUAL] for c in a.setup.store.client_ids()}  # noqa: E731
     assert residuals(resumed).keys() == residuals(straight).keys()
     for c, r in residuals(straight).items():
         assert all(torch.equal(r[k], residuals(resumed)[c][k]) for k in r)

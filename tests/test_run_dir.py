@@ -72,11 +72,11 @@ def copy_run(src, dst):
 
 def test_refused_settings_leave_every_file_identical(train, finished, tmp_path):
     run_dir = copy_run(finished, tmp_path / "run")
-    assert list(run_dir.glob("client_state/*/state.pt")) and (run_dir / ".hydra" / "overrides.yaml").is_file()
+    assert list(run_dir.glob("client_state/*/state.*.pt")) and (run_dir / ".hydra" / "overrides.yaml").is_file()
     before = snapshot(run_dir)
     refused(train(run_dir, "num_rounds=2", "seed=1", "client.state_store=disk", "client.persist_optimizer=true",
                       *SYNTH), "seed: checkpoint 0, now 1")
-    assert snapshot(run_dir) == before   # histogram, client_state/*/state.pt, .hydra/*.yaml untouched
+    assert snapshot(run_dir) == before   # histogram, client_state/*/state.*.pt, .hydra/*.yaml untouched
 
 
 def test_finished_run_with_new_settings_is_refused(train, finished, tmp_path):

@@ -137,3 +137,44 @@ def test_secagg_run_with_dropouts_resumes_bit_for_bit(compose_cfg, tmp_path):
 def test_settings_secure_aggregation_cannot_serve_are_refused(overrides, message, compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match=message):
         build_algo(compose_cfg, tmp_path, *SMALL, "secagg.enabled=true", *overrides)
+
+
+@pytest.mark.parametrize("adaptive", [[], ["dp.adaptive=true", "dp.clip_count_stddev=1.0"]])
+def test_secagg_composes_with_central_dp_noise_on_the_secure_sum(adaptive, compose_cfg, tmp_path):
+    """DP's clip before masking, its noise on the unmasked sum: the same noise DP alone draws, so the
+    round's model is DP alone's within the quantization (2^-17 per coordinate of the sum, over m),
+    and the clipped count (summed securely) is the same, so is adaptive C's step."""
+    dp = ["dp.enabled=true", "dp.noise_multiplier=1.0", "dp.clip_norm=0.5", "num_rounds=1", *adaptive]
+    runs = {}
+    for name, extra in {"dp": [], "both": ["secagg.enabled=true"]}.items():
+        runs[name] = build_algo(compose_cfg, tmp_path / name, *SMALL, "algo=fairavg", *dp, *extra)
+        runs[name].fit()
+    alone, both = runs["dp"].server.global_state, runs["both"].server.global_state
+    gap = max((alone[k] - both[k]).abs().max().item() for k in alone)
+    assert 0 < gap < 3 * 2 ** -17 / 3 + 1e-6  # 3 updates each within 2^-17, divided by m = 3; float rounding
+    assert runs["both"].dp.secure and not runs["dp"].dp.secure
+    m_alone, m_both = runs["dp"].history[0], runs["both"].history[0]
+    for key in ("dp_epsilon", "dp_clipped_fraction", "dp_noise_std", "dp_clip_norm"):
+        assert m_both[key] == m_alone[key]
+    assert runs["both"].dp.clip_norm == runs["dp"].dp.clip_norm
+    assert m_both["secagg_aborted"] == 0 and m_both["secagg_clients"] == 3
+
+
+def test_secagg_with_dp_divides_by_the_fixed_m_when_a_client_drops(compose_cfg, tmp_path):
+    """Clients lost after masking still count in m (DP's fixed denominator): the sum of those that
+    arrived, plus (negligible) noise, over m. Checked against the survivors' clipped updates."""
+    settings = [*SMALL, "algo=fairavg", "dp.enabled=true", "dp.noise_multiplier=1e-9", "dp.clip_norm=0.5",
+                "num_rounds=1", "secagg.enabled=true", "secagg.threshold=2", "clients.total=10"]
+    algo = build_algo(compose_cfg, tmp_path, *settings, "secagg.dropout_upload=0.3")
+    g = {k: v.clone() for k, v in algo.server.global_state.items()}
+    seen = {}
+    original = algo.secagg.aggregate
+    algo.server.intercept = lambda updates: (seen.update({u.sender: u for u in updates}), original(updates))[1]
+    algo.fit()
+    m = algo.history[0]
+    lost = algo.secagg.lost(0, 0, list(seen))
+    assert m["secagg_lost_upload"] == len(lost) >= 1 and m["secagg_aborted"] == 0
+    arrived = [u for c, u in seen.items() if c not in lost]
+    for k in algo.setup.param_names:
+        expected = g[k] + sum(u.state[k] - g[k] for u in arrived) / len(seen)
+        assert torch.allclose(algo.server.global_state[k], expected, atol=1e-5)

@@ -107,6 +107,13 @@ def test_requeued_job_finishes_with_the_model_of_an_uninterrupted_run(tmp_path, 
     assert status == {"fedavg/seed0": "queued or running"}   # requeued, not failed
     subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
     wait_for_jobs([job], poll_s=0.5, timeout_s=180)
+    # squeue can miss a requeued job for longer than wait_for_jobs' two polls: the run is over when
+    # its results are written
+    deadline = time.time() + 180
+    while not ((run_dir / RESULTS_FILE).exists()
+               and json.loads((run_dir / RESULTS_FILE).read_text()).get("rounds") == 40):
+        assert time.time() < deadline, (run_dir / LOG_FILE).read_text()
+        time.sleep(0.5)
     log = (run_dir / LOG_FILE).read_text()
     # train.py got SIGTERM, saved at a client boundary, and the new attempt continued from there
     assert "received SIGTERM" in log and "training stopped early; resume checkpoint saved" in log, log

@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.algo.base import Algo, TrainingDiverged
+from src.algo.base import Algo, TrainingDiverged, TrainingInterrupted
 from src.checkpoint import Checkpoint, ClientStorePart, ListPart, RngPart, ScalerPart, ServerPart
 from src.client.client import Client, ClientUpdate, TrainSetup
 from src.client.ema import ClientEMA
@@ -26,8 +26,8 @@ from src.errors import ConfigError, UserError
 from src.evaluation import ClientEvaluation, pooled_scores
 from src.hooks import CheckpointCadence, EMAEvaluation, JsonlTable, MetricsRecorder, ModelSelection, RoundHook
 from src.losses.proximal import ProximalTerm
-from src import privacy
-from src import secagg
+from src import compression, privacy
+from src import local_dp, secagg
 from src.system import SystemModel
 from src.utils.io import save_json, save_text, save_torch
 from src.utils.seeding import INIT, SELECTION, derive_seed, numpy_rng
@@ -78,6 +78,7 @@ class FedBase(Algo):
             cfg.evaluation.finetune_steps)
         self.client_table = JsonlTable(run_dir / "client_metrics.jsonl")
         self.overrides: list[str] = []  # the command line's overrides, for results.json (src/run.py sets them)
+        self.resume_from: Optional[Path] = None  # the resume.pt continued, if not this run's own (src/run.py sets it)
         self.stopped_early = False
         self.server = instantiate(server)
         self.server.aggregator = instantiate(cfg.aggregator)  # the weighted mean or a robust rule (server/robust.py)
@@ -87,7 +88,8 @@ class FedBase(Algo):
         self.engine = instantiate(cfg.engine)
         self.transforms: list = []  # update transforms (src/transforms.py), shared with the server
         self.server.transforms = self.transforms
-        self.logger = instantiate(cfg.logger)
+        # a distributed run's other processes (rank > 0) log nothing and write no checkpoint: rank 0 does
+        self.logger = instantiate(cfg.logger, **({"mode": "disabled"} if self.engine.rank else {}))
         self.round = 0
         self._train_loss = torch.zeros((), device=self.device)
         self._train_seen = 0
@@ -115,8 +117,13 @@ class FedBase(Algo):
         # update compression (src/compression.py): after the attack, before DP's clipping; none adds nothing
         self.compression = instantiate(cfg.compression)
         self.compression.install(self)
+        # what a client receives: the server's data, or with broadcast.bits a quantized global model
+        self.send_data = self.server.send_data
+        compression.install_broadcast(self, cfg.broadcast.bits)
         # central differential privacy (src/privacy.py): the last client transform; None with dp.enabled=false
         self.dp = privacy.install(self, cfg.dp)
+        # local DP-SGD on every client (src/local_dp.py): a round hook; None with local_dp.enabled=false
+        self.local_dp = local_dp.install(self, cfg.local_dp)
         # secure aggregation (src/secagg.py): the server's intercept; None with secagg.enabled=false
         self.secagg = secagg.install(self, **cfg.secagg)
 
@@ -195,7 +202,7 @@ class FedBase(Algo):
         model leaves out the clients that fail to report and cuts the stragglers' work."""
         self._selected += [c.client_id for chain in chains for c in chain.members]
         chains = self.system.plan(self.round, chains)
-        for chain, update in self.engine.train(chains, self.round, self.server.send_data, transforms=self.transforms,
+        for chain, update in self.engine.train(chains, self.round, self.send_data, transforms=self.transforms,
                                                merge=merge, check_stop=self.check_stop):
             if self.admit(update, chain):
                 yield update
@@ -261,7 +268,9 @@ class FedBase(Algo):
             metrics["round_time_s"] = time.perf_counter() - start
             metrics["clients"] = sorted(self._selected)
             self.record(metrics)
-            self.check_stop()
+            stop = self.engine.agree_stop(self._stop_signal)  # every process of a distributed run stops here
+            if stop is not None:
+                raise TrainingInterrupted(stop)
             if self.selection is not None and self.selection.stop:
                 self.stopped_early = True
                 log.info("early stopping after round %d: %s has not improved for %d rounds", self.round,
@@ -318,10 +327,11 @@ class FedBase(Algo):
         for x and its mirror image."""
         self.setup.load(self.evaluated_state() if state is None else state)
         batch, tta = self.cfg.eval_batch_size, self.cfg.tta
-        loss, acc = pooled_scores(self.model, self.data.test, batch, tta)
+        loss, acc = pooled_scores(self.model, self.data.test, batch, tta, self.engine)
         metrics = {"test_loss": loss, "test_accuracy": acc}
         if self.val_data is not None:
-            metrics["val_loss"], metrics["val_accuracy"] = pooled_scores(self.model, self.val_data, batch, tta)
+            metrics["val_loss"], metrics["val_accuracy"] = pooled_scores(self.model, self.val_data, batch, tta,
+                                                                         self.engine)
         return metrics
 
     # ---- state -------------------------------------------------------------------------------
@@ -329,8 +339,14 @@ class FedBase(Algo):
         """The resume checkpoint's parts, by key (src/checkpoint.py); the keys are today's file format."""
         hooks = {h.key: h for h in self.hooks if h.key is not None}
         return {"server": ServerPart(self.server, self.device), **hooks, "rng": RngPart(),
-                "client_states": ClientStorePart(self.setup.store, self.setup, len(self.clients)),
+                "client_states": ClientStorePart(self.setup.store, self.setup, len(self.clients),
+                                                 self.client_state_source),
                 "scaler": self.scaler, "transforms": ListPart("transforms", self.transforms)}
+
+    @property
+    def client_state_source(self) -> Path:
+        """Where the disk store's files that a checkpoint references lie: beside its resume.pt."""
+        return (self.resume_from or self.checkpoint_path).parent / self.setup.store.directory.name
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -362,7 +378,14 @@ class FedBase(Algo):
             self.client_table.keep_rounds(self.round)  # rounds after the checkpoint are trained again
 
     def save_checkpoint(self) -> None:
+        if self.engine.rank:
+            return
+        if len(self.history) != self.round:  # stopped after a round's aggregation, before its record (e.g. a
+            # process of a distributed run died during evaluation): that state would not resume
+            log.warning("round %d stopped before its metrics were recorded: the last resume checkpoint stays", self.round)
+            return
         super().save_checkpoint()
+        self.setup.store.prune()  # client files only the replaced resume.pt referenced
         save_torch(self.server.global_state, self.run_dir / "GLOBAL_MODEL.pt")
         # what src/evaluate.py needs, beside config.yaml, to rebuild the model
         save_json({"in_shape": list(self.data.in_shape), "num_classes": self.spec.num_classes},
@@ -405,6 +428,8 @@ class FedBase(Algo):
                             if k.startswith(("client_acc_", "finetuned_acc_"))})
         if self.dp is not None:
             results.update(self.dp.results(results["rounds"]))
+        if self.local_dp is not None:
+            results.update(self.local_dp.results())
         results.update(self.compression.totals(self.history))  # bytes up and down, summed
         results["train_time_s"] = sum(m["round_time_s"] for m in self.history)
         return results

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from src.client.client import Client
+from src.client.client import Client, PenaltyTerms
 from src.server.base import CenterServer, Sums
 
 
@@ -42,6 +42,9 @@ class FedDynClient(Client):
         term = 0.5 * self.alpha * prox - linear
         base = super().penalty()
         return term if base is None else base + term
+
+    def penalty_terms(self) -> PenaltyTerms:
+        return super().penalty_terms().plus(self.alpha, torch._foreach_neg(self.grad_state))
 
     def end_round(self, state: dict) -> dict:
         names = self.setup.param_names

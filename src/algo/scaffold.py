@@ -28,7 +28,7 @@ from typing import Literal, Optional
 
 import torch
 
-from src.client.client import Client
+from src.client.client import Client, PenaltyTerms
 from src.errors import ConfigError
 from src.server.base import CenterServer, Sums, Weighting
 
@@ -67,6 +67,9 @@ class ScaffoldClient(Client):
         term = sum((p * c).sum() for p, c in zip(self.setup.params, self.correction))
         base = super().penalty()
         return term if base is None else base + term
+
+    def penalty_terms(self) -> PenaltyTerms:
+        return super().penalty_terms().plus(linear=self.correction)
 
     def end_round(self, state: dict) -> dict:
         names = self.setup.param_names

@@ -6,10 +6,11 @@ across rounds, EMA, gradient clipping, mixed precision (label smoothing is the l
 evaluation's)."""
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from src.client.ema import ClientEMA
 from src.client.schedule import LRSchedule
@@ -40,6 +41,7 @@ class TrainSetup:
     amp_dtype: Optional[torch.dtype] = None  # autocast dtype on CUDA; None trains in fp32
     scaler: Optional[torch.amp.GradScaler] = None  # fp16 loss scaling, shared by the clients
     prox: Optional[ProximalTerm] = None  # FedProx's term, anchored at the weights each client receives
+    local_dp: Optional[Any] = None  # DP-SGD on every client (src/local_dp.py's LocalDP, which sets it)
     # Detached views of the working model's parameters and buffers: copying into them loads a
     # state without rebuilding the state dict per client.
     live_state: dict[str, torch.Tensor] = field(init=False)
@@ -74,6 +76,20 @@ class ClientUpdate(NamedTuple):
     ema_state: Optional[dict[str, torch.Tensor]] = None  # the client's EMA weights, when EMA is on
     extra: Optional[dict] = None  # algorithm-specific payload (e.g. SCAFFOLD's control change)
     sender: Optional[int] = None  # the sending client's id (a chain's last client), set by the engine
+
+
+class PenaltyTerms(NamedTuple):
+    """The gradient of Client.penalty() at weights w, in a form a batched engine (src/engine/vmap.py)
+    applies to many clients' stacked weights at once: quadratic * (w - x) + linear, x the received
+    global weights; `linear` per parameter, None for zero."""
+
+    quadratic: float = 0.0
+    linear: Optional[list[torch.Tensor]] = None
+
+    def plus(self, quadratic: float = 0.0, linear: Optional[list[torch.Tensor]] = None) -> "PenaltyTerms":
+        if self.linear is not None and linear is not None:
+            linear = torch._foreach_add(self.linear, linear)
+        return PenaltyTerms(self.quadratic + quadratic, self.linear if linear is None else linear)
 
 
 class Client:
@@ -114,6 +130,11 @@ class Client:
             return None
         return s.prox(s.params, [self.received["global_state"][n] for n in s.param_names])
 
+    def penalty_terms(self) -> PenaltyTerms:
+        """penalty()'s gradient as PenaltyTerms; a subclass that adds to penalty() adds to this."""
+        s = self.setup
+        return PenaltyTerms(s.prox.mu if s.prox is not None else 0.0)
+
     def end_round(self, state: dict) -> Optional[dict]:
         """Called after the last local step; may add entries to `state` (persisted for the
         client's next round) and return a payload for the server. Drop the tensors kept since
@@ -135,37 +156,29 @@ class Client:
         s = self.setup
         model = s.model
         model.train()
-        saved = s.store.get(self.client_id) if s.store is not None else {}
-        num_steps = s.num_steps(self.num_samples)
-        optimizer = s.optimizer(model.parameters())
-        if s.persist_optimizer and "optimizer" in saved:
-            optimizer.load_state_dict(saved["optimizer"])
-        scheduler = s.schedule.scheduler(optimizer, round_idx, num_steps, s.num_rounds)
-        steps = num_steps if max_steps is None else min(num_steps, max_steps)
-        if s.ema is not None:
-            s.ema.begin(model, saved.get("ema") if s.ema.persist else None)
-        self.begin_round(saved)
-
-        keys = (round_idx, self.client_id) + ((stream,) if stream else ())
-        gen = torch_generator(self.indices.device, s.seed, CLIENT_DATA, *keys)
+        optimizer, scheduler, steps = self.start_round(round_idx, max_steps)
+        if s.local_dp is not None:  # its step clips the per-sample gradients and adds the noise
+            optimizer = s.local_dp.optimizer(optimizer, self, round_idx, stream)
         loss_sum = torch.zeros((), device=self.indices.device)
         seen = 0
         self.step_lrs = []
-        for x, y in s.data.batches(self.indices, s.batch_size, steps, gen):
-            if self.label_map is not None:
-                y = self.label_map(y)
-            with s.autocast():
-                loss = s.loss_fn(model(x), y)
-            extra = self.penalty()
-            objective = loss if extra is None else loss + extra
-            optimizer.zero_grad(set_to_none=True)
-            if s.scaler is not None:
-                s.scaler.scale(objective).backward()
-                s.scaler.unscale_(optimizer)
+        for x, y in self.batches(round_idx, stream, steps):
+            if s.local_dp is not None:  # per-sample gradients, for the DP step to clip and noise
+                optimizer.zero_grad(set_to_none=True)
+                loss = s.local_dp.backward(x, y, self.penalty)
             else:
-                objective.backward()
-            if s.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip, foreach=True)
+                with s.autocast():
+                    loss = s.loss_fn(model(x), y)
+                extra = self.penalty()
+                objective = loss if extra is None else loss + extra
+                optimizer.zero_grad(set_to_none=True)
+                if s.scaler is not None:
+                    s.scaler.scale(objective).backward()
+                    s.scaler.unscale_(optimizer)
+                else:
+                    objective.backward()
+                if s.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip, foreach=True)
             if s.scaler is not None:
                 s.scaler.step(optimizer)
                 s.scaler.update()
@@ -178,7 +191,42 @@ class Client:
                 s.ema.update(model)
             loss_sum += loss.detach().float() * y.shape[0]
             seen += y.shape[0]
+        self.finish_round(optimizer, loss_sum, seen)
 
+    # The parts of client_update before and after its steps, shared with the batched engine
+    # (src/engine/vmap.py), which takes the steps of many clients at once on the live model's behalf.
+    def start_round(self, round_idx: int, max_steps: Optional[int] = None
+                    ) -> tuple[torch.optim.Optimizer, Optional[LambdaLR], int]:
+        """The round's optimizer (with the persisted state), its LR scheduler and the number of
+        steps to take; begins the EMA and calls begin_round. The live model holds the start weights."""
+        s = self.setup
+        model = s.model
+        saved = s.store.get(self.client_id) if s.store is not None else {}
+        num_steps = s.num_steps(self.num_samples)
+        optimizer = s.optimizer(model.parameters())
+        if s.persist_optimizer and "optimizer" in saved:
+            optimizer.load_state_dict(saved["optimizer"])
+        scheduler = s.schedule.scheduler(optimizer, round_idx, num_steps, s.num_rounds)
+        steps = num_steps if max_steps is None else min(num_steps, max_steps)
+        if s.ema is not None:
+            s.ema.begin(model, saved.get("ema") if s.ema.persist else None)
+        self.begin_round(saved)
+        return optimizer, scheduler, steps
+
+    def batches(self, round_idx: int, stream: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The round's `steps` batches, with the labels this client trains on."""
+        s = self.setup
+        keys = (round_idx, self.client_id) + ((stream,) if stream else ())
+        gen = torch_generator(self.indices.device, s.seed, CLIENT_DATA, *keys)
+        drawn = (s.data.batches(self.indices, s.batch_size, steps, gen) if s.local_dp is None
+                 else s.local_dp.batches(self, steps, gen))  # DP-SGD: Poisson sampling
+        for x, y in drawn:
+            yield x, (y if self.label_map is None else self.label_map(y))
+
+    def finish_round(self, optimizer: torch.optim.Optimizer, loss_sum: torch.Tensor, seen: int) -> None:
+        """After the last step, the live model holding the trained weights: persist the client's
+        state, call end_round and keep the update for send_data."""
+        s = self.setup
         state = {}
         if s.persist_optimizer:
             state["optimizer"] = optimizer.state_dict()

@@ -58,6 +58,8 @@ def join(updates: list[ClientUpdate], chain: Chain, merge: Callable) -> ClientUp
 
 
 class Engine(ABC):
+    rank = 0  # this process among those of a distributed run (src/engine/distributed.py): 0 writes the run directory
+
     @abstractmethod
     def train(self, chains: Sequence[Chain], round_idx: int, send: Callable[[], dict], *, transforms: Sequence = (),
               merge: Callable[[list[Optional[dict]]], Optional[dict]] = only,
@@ -67,3 +69,16 @@ class Engine(ABC):
         each chain's update, client side; `merge` makes one payload from a chain's; `check_stop` is
         called before every client trains (the signal boundary). An update's tensors may be views
         of the working model, valid until the engine trains the next chain."""
+
+    def agree_stop(self, signum: Optional[int]) -> Optional[int]:
+        """The stop signal every process acts on at a round's end (one process: its own, `signum`)."""
+        return signum
+
+    def batches(self, count: int) -> range:
+        """Which of `count` evaluation batches this process scores (one process: all)."""
+        return range(count)
+
+    def combine(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` summed over the processes, each row filled by the one process that scored it (exact:
+        the others hold zeros)."""
+        return rows

@@ -30,6 +30,10 @@ class SlurmOptions:
     mem: Optional[str] = None           # e.g. "8G"
     gres: Optional[str] = None          # e.g. "gpu:1"
     constraint: Optional[str] = None
+    # More than one task (nodes x ntasks_per_node): each run is one engine=distributed run over all of
+    # them, its processes started by srun (gres, cpus_per_task and mem are then per node or task, as SLURM reads them)
+    nodes: Optional[int] = None
+    ntasks_per_node: Optional[int] = None
     extra: list[str] = field(default_factory=list)   # more sbatch options, e.g. "--exclusive"
     setup: list[str] = field(default_factory=list)   # shell lines before train.py, e.g. "module load cuda"
     python: Optional[str] = None        # interpreter on the compute nodes (default: the runner's own)
@@ -38,8 +42,12 @@ class SlurmOptions:
     def sbatch_options(self) -> list[str]:
         named = {"partition": self.partition, "account": self.account, "qos": self.qos, "time": self.time,
                  "cpus-per-task": self.cpus_per_task, "mem": self.mem, "gres": self.gres,
-                 "constraint": self.constraint}
+                 "constraint": self.constraint, "nodes": self.nodes, "ntasks-per-node": self.ntasks_per_node}
         return [f"--{k}={v}" for k, v in named.items() if v is not None] + list(self.extra)
+
+    @property
+    def tasks(self) -> int:
+        return (self.nodes or 1) * (self.ntasks_per_node or 1)
 
 
 def load_slurm_options(cluster_file: Optional[Path], experiment_options: dict, dotlist: list[str]) -> SlurmOptions:
@@ -77,6 +85,10 @@ def load_slurm_options(cluster_file: Optional[Path], experiment_options: dict, d
         except (ValueError, IndexError):
             raise SweepError([f"SLURM option time={options.time!r}: use SLURM's format, e.g. 90, 04:00:00, "
                               "1-00:00:00 or UNLIMITED"]) from None
+    small = [f"{k}={v}" for k, v in (("nodes", options.nodes), ("ntasks_per_node", options.ntasks_per_node))
+             if v is not None and not (isinstance(v, int) and v >= 1)]
+    if small:
+        raise SweepError([f"SLURM option {small[0]}: a whole number >= 1"])
     spaced = [flag for flag in options.extra if not flag.startswith("-") or " " in flag]
     if spaced:
         raise SweepError([f"SLURM option extra={spaced}: give each sbatch flag as one --key=value item"])
@@ -98,8 +110,21 @@ def check_slurm(options: SlurmOptions) -> None:
                               "--set partition=NAME)"])
 
 
+def check_tasks(runs: list[Run], options: SlurmOptions) -> None:
+    """Runs over several tasks must be engine=distributed ones: another engine would train the whole
+    run in every task."""
+    single = [r.key for r in runs if options.tasks > 1 and "engine=distributed" not in r.overrides]
+    if single:
+        raise SweepError([f"nodes x ntasks_per_node = {options.tasks} tasks per run, but run {single[0]} does not set "
+                          "engine=distributed (add it to the experiment's shared settings), which one run over "
+                          "several tasks needs"])
+
+
 def sbatch_script(run: Run, options: SlurmOptions) -> str:
-    command = " ".join(shlex.quote(a) for a in python_command(options.python) + run.train_args())
+    # several tasks: srun starts one process per task (src/engine/distributed.py reads their ranks), and
+    # the step fails as a whole when one of them does
+    srun = ["srun", "--kill-on-bad-exit=1"] if options.tasks > 1 else []
+    command = " ".join(shlex.quote(a) for a in srun + python_command(options.python) + run.train_args())
     run_dir = shlex.quote(str(run.run_dir))
     lines = [
         "#!/bin/bash",
@@ -165,6 +190,7 @@ def sbatch(script: Path, *args: str) -> str:
 def run_slurm(runs: list[Run], experiment_dir: Path, options: SlurmOptions, dry_run: bool, log=print) -> list[str]:
     """Write one script per run into <experiment>/slurm/ and submit them (unless dry_run), then the
     seed-aggregation job with afterok on all of them. Job ids go to <experiment>/slurm/jobs.json."""
+    check_tasks(runs, options)
     script_dir = experiment_dir / "slurm"
     script_dir.mkdir(parents=True, exist_ok=True)
     scripts = []

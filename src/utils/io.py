@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,17 @@ def save_torch(obj: Any, path: Path) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` with the bytes of `src`: a hard link where the file system allows one (no bytes copied,
+    so only for files that are never written in place), else an atomic copy."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        with open(src, "rb") as f:
+            _atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+
+
 def save_json(obj: Any, path: Path) -> None:
     """Strict JSON: a NaN or infinity is an error here, never a file other readers reject."""
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
@@ -47,14 +59,15 @@ def save_text(text: str, path: Path) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def load_torch(path: Path, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint with torch's safe unpickler (tensors and plain containers only)."""
+def load_torch(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """Load a checkpoint with torch's safe unpickler (tensors and plain containers only); with
+    `mmap` its tensors are memory-mapped, read from the file only when used."""
     import torch
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check the path given to resume=")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):   # not a refused class: a damaged or foreign file
             raise UserError(_unreadable(path, e)) from None

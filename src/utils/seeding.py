@@ -24,6 +24,8 @@ DROPOUT, SPEED = 9, 10  # src/system.py: which selected clients fail to report, 
 DP_NOISE, DP_CLIP_NOISE = 11, 12  # src/privacy.py: noise on the sum of clipped updates, on the unclipped count
 COMPRESSION_INDICES, QSGD_ROUNDING = 13, 14  # src/compression.py: random-k's entries, QSGD's rounding
 SECAGG_KEYS, SECAGG_DROPOUT, SECAGG_SHARES = 15, 16, 17  # src/secagg.py: client secrets, dropouts, shares
+LOCAL_DP_NOISE = 18  # src/local_dp.py: DP-SGD's noise on each client's steps
+BROADCAST_ROUNDING = 19  # src/compression.py: the quantized broadcast's rounding
 
 
 def rng_state() -> dict:
