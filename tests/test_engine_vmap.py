@@ -182,11 +182,11 @@ def test_refuses_each_setting_by_name(tmp_path):
     assert [p.split(":")[0] for p in refused(base, [OwnPenalty(0, torch.tensor([0]), base)])] == ["algo.client"]
 
 
-def test_a_refused_run_stops_at_its_first_round_with_one_config_error(compose_cfg, tmp_path):
-    algo = build_algo(compose_cfg, tmp_path, *SMALL, "engine=vmap", "client.ema.decay=0.9", "optimizer=adam",
-                      "+optimizer.amsgrad=true")
-    with pytest.raises(ConfigError) as e:
-        algo.fit()
+def test_a_refused_run_is_refused_when_built_with_one_config_error(compose_cfg, tmp_path):
+    with pytest.raises(ConfigError) as e:  # before the run directory is written
+        build_algo(compose_cfg, tmp_path / "run", *SMALL, "engine=vmap", "client.ema.decay=0.9", "optimizer=adam",
+                   "+optimizer.amsgrad=true")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
     assert [p.split(":")[0] for p in e.value.problems] == ["optimizer.amsgrad", "client.ema.decay"]
 
 

@@ -126,6 +126,7 @@ class FedBase(Algo):
         self.local_dp = local_dp.install(self, cfg.local_dp)
         # secure aggregation (src/secagg.py): the server's intercept; None with secagg.enabled=false
         self.secagg = secagg.install(self, **cfg.secagg)
+        self.engine.prepare(self.setup, self.clients)  # the engine refuses what it cannot train, before any write
 
     # ---- building --------------------------------------------------------------------------
     def build_setup(self) -> TrainSetup:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
-from src.client.client import Client, ClientUpdate
+from src.client.client import Client, ClientUpdate, TrainSetup
 
 
 class Link(NamedTuple):
@@ -69,6 +69,10 @@ class Engine(ABC):
         each chain's update, client side; `merge` makes one payload from a chain's; `check_stop` is
         called before every client trains (the signal boundary). An update's tensors may be views
         of the working model, valid until the engine trains the next chain."""
+
+    def prepare(self, setup: TrainSetup, clients: Sequence[Client]) -> None:
+        """Called once the run is built, before anything is written: refuse (ConfigError) the
+        settings this engine cannot train."""
 
     def agree_stop(self, signum: Optional[int]) -> Optional[int]:
         """The stop signal every process acts on at a round's end (one process: its own, `signum`)."""

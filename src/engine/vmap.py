@@ -18,8 +18,8 @@ What it keeps of Client.client_update, and how:
 - penalty(): its gradient from Client.penalty_terms (FedProx, SCAFFOLD, FedDyn), added to the
   loss's before client.grad_clip (the global norm, per client).
 Results equal the sequential engine's up to float rounding (batched kernels sum in another order);
-tests/test_engine_vmap.py states the tolerance. What it cannot reproduce it refuses at the first
-round, in one ConfigError (`problems`)."""
+tests/test_engine_vmap.py states the tolerance. What it cannot reproduce it refuses once the run is
+built, before anything is written, in one ConfigError (`problems`)."""
 import logging
 import os
 import warnings
@@ -250,7 +250,8 @@ class VmapEngine(Engine):
         self.fits: Optional[int] = None  # fitting_width, found at the first round
 
     def prepare(self, setup: TrainSetup, clients: Sequence[Client]) -> None:
-        """At the first round: refuse what cannot be reproduced, and size the width."""
+        """Once the run is built (or at the first round of a bare engine): refuse what cannot be
+        reproduced, and size the width."""
         found = problems(setup, clients)
         if found:
             raise ConfigError(found)
