@@ -9,8 +9,10 @@ import shutil
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 import src.algo.base
+import src.run
 from conftest import run_train
 from src.client.state_store import ClientStateStore
 from src.utils.io import load_torch
@@ -119,6 +121,22 @@ def test_checkpoint_with_embedded_client_states_still_resumes_bit_for_bit(compos
     resumed.fit()
     a, b = straight.server.global_state, resumed.server.global_state
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_reads_each_client_file_once(compose_cfg, tmp_path, monkeypatch):
+    """src/run.py checks the checkpoint before it writes; loading it then does not read every file again."""
+    run_dir = tmp_path / "run"
+    build_algo(compose_cfg, run_dir, *DISK, "num_rounds=2").fit()
+    files = len(load_torch(run_dir / "resume.pt")["client_states"])
+    reads = []
+    read_referenced = ClientStateStore.read_referenced
+    monkeypatch.setattr(ClientStateStore, "read_referenced", staticmethod(lambda path: reads.append(path) or
+                                                                          read_referenced(path)))
+    cfg = compose_cfg(*DISK)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    results = src.run.run(cfg, run_dir)
+    assert results["rounds"] == 4 and files and len(reads) == len(set(reads)) == files
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,7 @@ class FedBase(Algo):
         self.client_table = JsonlTable(run_dir / "client_metrics.jsonl")
         self.overrides: list[str] = []  # the command line's overrides, for results.json (src/run.py sets them)
         self.resume_from: Optional[Path] = None  # the resume.pt continued, if not this run's own (src/run.py sets it)
+        self._checked_state: Optional[dict] = None
         self.stopped_early = False
         self.server = instantiate(server)
         self.server.aggregator = instantiate(cfg.aggregator)  # the weighted mean or a robust rule (server/robust.py)
@@ -360,10 +361,11 @@ class FedBase(Algo):
     def check_state(self, state: dict) -> None:
         """Refuse a checkpoint that is not one of this run before anything is loaded or written."""
         self.checkpoint.check(state)
+        self._checked_state = state  # loading it checks no file twice (disk-store clients: one read each)
 
     def load_state_dict(self, state: dict) -> None:
         """Everything is checked and loaded in memory before the run directory is written."""
-        self.checkpoint.load(state)
+        self.checkpoint.load(state, checked=state is self._checked_state)
         self.round = state["round"]
 
     def start(self, state: Optional[dict]) -> None:
