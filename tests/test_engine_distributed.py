@@ -19,12 +19,13 @@ from conftest import ROOT
 from src.engine.distributed import DistributedEngine, assign, join
 from src.errors import ConfigError, UserError
 from src.evaluation import pooled_scores
-from src.sweep.backends import wait_for_jobs
+from src.sweep.backends import load_slurm_options, submitit_parameters, wait_for_jobs
 from src.sweep.experiment import Experiment, SweepError
 from src.sweep.protocol import LOG_FILE, RESULTS_FILE
 from src.sweep.runner import launch
 from src.utils.io import load_torch
 from tests.inprocess import SMALL, as_shared, build_algo, metrics_without_times
+from test_sweep_slurm import release_requeued
 
 # SCAFFOLD with persisted momentum and error-feedback top-k: the client store (controls, optimizer
 # state, residuals) is gathered every round; evaluation batches of 7 split the test and validation
@@ -220,10 +221,21 @@ def test_two_task_sbatch_script_starts_the_run_with_srun(tmp_path):
     assert 'trap \'kill -TERM "$pid" 2>/dev/null\' TERM' in script  # SIGTERM reaches srun, which passes it on
 
 
+def test_two_task_submitit_job_runs_a_task_per_process_and_ends_the_step_on_a_failure():
+    options = load_slurm_options(None, {"nodes": 2, "ntasks_per_node": 4, "time": "01:00:00"}, [])
+    params = submitit_parameters(options, "tt")
+    assert (params["nodes"], params["tasks_per_node"], params["slurm_srun_args"]) == (2, 4, ["--kill-on-bad-exit=1"])
+    single = submitit_parameters(load_slurm_options(None, {"time": "01:00:00"}, []), "one")
+    assert not {"nodes", "tasks_per_node", "slurm_srun_args"} & single.keys()
+
+
 def test_several_tasks_without_engine_distributed_are_refused(tmp_path):
     exp = Experiment(name="st", grid={"algo": ["fedavg"]}, shared=as_shared(SMALL), slurm={"ntasks_per_node": 2})
     with pytest.raises(SweepError, match="does not set engine=distributed"):
         launch(exp, "slurm", tmp_path, dry_run=True, log=lambda *_: None)
+    with pytest.raises(SweepError, match="does not set engine=distributed"):
+        launch(exp, "submitit", tmp_path, log=lambda *_: None)
+    assert not list(tmp_path.iterdir())  # refused before the experiment's folder is written
     with pytest.raises(SweepError, match="ntasks_per_node=0: a whole number >= 1"):
         launch(two_task_experiment("zero", ntasks_per_node=0), "slurm", tmp_path, dry_run=True, log=lambda *_: None)
 
@@ -233,7 +245,11 @@ def slurm_up() -> bool:
                                                           capture_output=True, text=True).stdout.strip() == "up"
 
 
-def test_requeued_two_task_job_on_the_test_cluster_ends_with_the_sequential_model(tmp_path):
+@pytest.mark.parametrize("backend, interrupt", [
+    ("slurm", ["scontrol", "requeue"]),          # SIGTERM to both tasks, then back in the queue
+    ("submitit", ["scancel", "--signal=USR2"]),  # submitit's time-out notice: task 0 stops train.py and requeues
+])
+def test_requeued_two_task_job_on_the_test_cluster_ends_with_the_sequential_model(tmp_path, backend, interrupt):
     if not slurm_up():
         message = "no SLURM cluster with partition 'debug': run scripts/slurm_cluster.sh install && start"
         if os.environ.get("FEDSIM_REQUIRE_SLURM") == "1":
@@ -242,22 +258,21 @@ def test_requeued_two_task_job_on_the_test_cluster_ends_with_the_sequential_mode
     settings = [o if not o.startswith("num_rounds=") else "num_rounds=30" for o in LONG]  # long enough to requeue
     exp = Experiment(name="ts", grid={"algo": ["fedavg"]}, shared=as_shared([*settings, "engine=distributed"]),
                      slurm={"ntasks_per_node": 2, "partition": "debug", "cpus_per_task": 1, "time": "00:10:00"})
-    job = launch(exp, "slurm", tmp_path, log=lambda *_: None)["job_ids"][0]
+    job = launch(exp, backend, tmp_path, log=lambda *_: None)["job_ids"][0]
     run_dir = tmp_path / "ts" / "fedavg" / "seed0"
     deadline = time.time() + 180
     while rounds_done(run_dir) < 3:
         assert time.time() < deadline, (run_dir / LOG_FILE).read_text() if (run_dir / LOG_FILE).exists() else job
         time.sleep(0.1)
-    subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM to both tasks, then back in the queue
-    deadline = time.time() + 60
-    while "BeginTime" not in subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True,
-                                            text=True).stdout:
-        assert time.time() < deadline, f"job {job} not requeued"
-        time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
+    subprocess.run([*interrupt, job], check=True)
+    release_requeued(job)
     wait_for_jobs([job], poll_s=0.5, timeout_s=180)
+    deadline = time.time() + 180  # squeue can miss a requeued job for a moment: the run ends with its results
+    while not ((run_dir / RESULTS_FILE).exists() and json.loads((run_dir / RESULTS_FILE).read_text())["rounds"] == 30):
+        assert time.time() < deadline, (run_dir / LOG_FILE).read_text()
+        time.sleep(0.5)
     log = (run_dir / LOG_FILE).read_text()
     assert "training stopped early; resume checkpoint saved" in log and "continuing from" in log, log
-    assert json.loads((run_dir / RESULTS_FILE).read_text())["rounds"] == 30, log
+    assert (run_dir / "exit_status").read_text() == "0\n", log  # rank 0's, written once the run finished
     sequential(tmp_path / "sequential", *settings, "algo=fedavg")
     assert same_model(tmp_path / "sequential", run_dir)

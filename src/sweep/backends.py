@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from src.sweep.experiment import Run
 from src.sweep.protocol import EXIT_FILE, LOG_FILE, execute, python_command, record_job, thread_env  # noqa: F401
 # the other backends' entry points, for the runner (tests import some of them from here too)
-from src.sweep.slurm import (check_slurm, load_slurm_options, queued_runs, run_slurm, slurm_minutes,  # noqa: F401
-                             wait_for_jobs)
+from src.sweep.slurm import (check_slurm, check_tasks, load_slurm_options, queued_runs, run_slurm,  # noqa: F401
+                             slurm_minutes, wait_for_jobs)
 from src.sweep.submitit_backend import run_submitit, submitit_parameters  # noqa: F401
 
 

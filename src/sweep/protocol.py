@@ -49,15 +49,19 @@ def thread_env(default_threads: int) -> dict:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, default_threads))}
 
 
-def execute(cmd: list[str], run_dir: Path, env: Optional[dict] = None, started=None, preexec_fn=None) -> int:
-    """Run `cmd` in the repository with its output appended to the run's log; record its exit code.
+def execute(cmd: list[str], run_dir: Path, env: Optional[dict] = None, started=None, preexec_fn=None,
+            record_exit: bool = True) -> int:
+    """Run `cmd` in the repository with its output appended to the run's log; record its exit code
+    (unless `record_exit` is false: a distributed run's process other than rank 0).
     `started(proc)` receives the process, so a caller can forward signals to it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / EXIT_FILE).unlink(missing_ok=True)
+    if record_exit:
+        (run_dir / EXIT_FILE).unlink(missing_ok=True)
     with open(run_dir / LOG_FILE, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         if started:
             started(proc)
         code = proc.wait()
-    (run_dir / EXIT_FILE).write_text(f"{code}\n")
+    if record_exit:
+        (run_dir / EXIT_FILE).write_text(f"{code}\n")
     return code

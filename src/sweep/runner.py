@@ -37,6 +37,7 @@ def launch(experiment: Experiment, backend: str = "local", root: Optional[Path] 
     options = None
     if backend != "local":
         options = backends.load_slurm_options(cluster_file, experiment.slurm, list(slurm_set))
+        backends.check_tasks(runs, options)
         if not dry_run:   # scripts can be written anywhere, e.g. to copy to a cluster
             backends.check_slurm(options)
         if backend == "submitit":

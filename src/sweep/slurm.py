@@ -190,7 +190,6 @@ def sbatch(script: Path, *args: str) -> str:
 def run_slurm(runs: list[Run], experiment_dir: Path, options: SlurmOptions, dry_run: bool, log=print) -> list[str]:
     """Write one script per run into <experiment>/slurm/ and submit them (unless dry_run), then the
     seed-aggregation job with afterok on all of them. Job ids go to <experiment>/slurm/jobs.json."""
-    check_tasks(runs, options)
     script_dir = experiment_dir / "slurm"
     script_dir.mkdir(parents=True, exist_ok=True)
     scripts = []

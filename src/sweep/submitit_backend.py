@@ -18,12 +18,15 @@ def ignore_usr2() -> None:
 
 
 SIGNAL_DELAY_S = 120   # submitit's warning before the time limit: train.py saves and the job requeues
+STOPPED_WITH_THE_LEADER = 128 + signal.SIGTERM   # train.py's exit code after a stop (src/run.py)
 
 
 class TrainJob:
-    """A submitit job that runs train.py for one run. On submitit's time-out or preemption signal
-    (SIGUSR2, which SLURM sends to every process of the job: train.py ignores it) it stops train.py with
-    SIGTERM, so that it saves resume.pt, and requeues itself; the next attempt continues from there."""
+    """A submitit job that runs train.py for one run (in each of its tasks, when it has several). On
+    submitit's time-out or preemption signal (SIGUSR2, which SLURM sends to every process of the job:
+    train.py ignores it) task 0 stops its train.py with SIGTERM, so that it saves resume.pt (the other
+    processes of a distributed run stop at the same round), and requeues the job; the next attempt
+    continues from there."""
 
     def __init__(self, cmd: list[str], run_dir: Path):
         self.cmd, self.run_dir = cmd, Path(run_dir)
@@ -31,8 +34,13 @@ class TrainJob:
 
     def __call__(self) -> int:
         env = thread_env(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+        rank = int(os.environ.get("SLURM_PROCID", "0"))  # a task of a several-task (engine=distributed) run
         code = execute(self.cmd, self.run_dir, env, started=lambda p: setattr(self, "_proc", p),
-                       preexec_fn=ignore_usr2)
+                       preexec_fn=ignore_usr2, record_exit=rank == 0)
+        if rank and code == STOPPED_WITH_THE_LEADER:
+            # rank 0's train.py got the SIGTERM, every process stopped at the round it chose and rank 0
+            # saved: its task requeues the job. Failing here would end the step (--kill-on-bad-exit) first.
+            return code
         if code != 0:
             raise RuntimeError(f"train.py exited with {code}; log: {self.run_dir / LOG_FILE}")
         return code
@@ -80,7 +88,8 @@ def run_submitit(runs: list[Run], experiment_dir: Path, options: SlurmOptions, l
         array_id = jobs[0].job_id.split("_")[0]
         executor.update_parameters(
             **submitit_parameters(collect_options(options), f"{experiment_dir.name}.collect"),
-            slurm_gres=None, slurm_mem=None, slurm_cpus_per_task=None, slurm_constraint=None,
+            slurm_gres=None, slurm_mem=None, slurm_cpus_per_task=None, slurm_constraint=None, nodes=1,
+            tasks_per_node=1, slurm_srun_args=[],
             slurm_dependency=f"afterok:{array_id}", slurm_additional_parameters={"kill-on-invalid-dep": "yes"})
         ids["collect"] = executor.submit(collect_job, str(experiment_dir)).job_id
     save_json(ids, experiment_dir / "submitit" / "jobs.json")
@@ -101,6 +110,9 @@ def submitit_parameters(options: SlurmOptions, name: str) -> dict:
             params[f"slurm_{key}"] = getattr(options, key)
     if options.cpus_per_task is not None:
         params["slurm_cpus_per_task"] = options.cpus_per_task
+    if options.tasks > 1:   # one engine=distributed run over every task; one dead task ends the step
+        params.update(nodes=options.nodes or 1, tasks_per_node=options.ntasks_per_node or 1,
+                      slurm_srun_args=["--kill-on-bad-exit=1"])
     extra = dict(o.lstrip("-").split("=", 1) if "=" in o else (o.lstrip("-"), True) for o in options.extra)
     if extra:
         params["slurm_additional_parameters"] = extra
