@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 from src.client.client import Client, TrainSetup
-from src.client.ema import ClientEMA
 from src.client.state_store import ClientStateStore
 from src.data.device_data import DeviceDataset
 from src.engine import AutoEngine, Chain, Link, SequentialEngine, VmapEngine
@@ -128,6 +127,13 @@ CASES = {
     "label_flip_attack": (["algo=fedavg", "attack=label_flip"], SGD_TOL),
     "central_dp": (["algo=fedavg", "dp.enabled=true", "algo.server.weighting=uniform"], SGD_TOL),
     "top_k_compression": (["algo=fedavg", "compression=top_k"], SGD_TOL),
+    "ema_sent_persisted": (["algo=fedavg", "client.ema.decay=0.9", "client.ema.persist=true",
+                            "client.persist_optimizer=true", "optimizer.momentum=0.9"], SGD_TOL),
+    "ema_evaluated_stragglers": (["algo=fedavg", "client.ema.decay=0.8", "client.ema.send=raw",
+                                  "client.ema.evaluate=true", "system.speed_sigma=1.0", "system.deadline_steps=1",
+                                  "system.stragglers=partial", "client.batch_size=10"], SGD_TOL),
+    "fedseq_ema_passes": (["algo=fedseq", "algo.min_examples=100", "algo.pretrain_epochs=2",
+                           "algo.superclient_passes=2", "client.ema.decay=0.7"], SGD_TOL),
 }
 
 
@@ -145,7 +151,13 @@ def test_equals_the_sequential_engine(case, compose_cfg, tmp_path):
     assert isinstance(got.engine, VmapEngine)
     for k, v in want.server.global_state.items():
         torch.testing.assert_close(got.server.global_state[k], v, **tol)
-    assert [m["train_loss"] for m in got.history] == pytest.approx([m["train_loss"] for m in want.history], rel=1e-5)
+    stores = {e: r.setup.store for e, r in runs.items()}  # persisted moments, EMA (and its step count), controls
+    assert stores["vmap"].client_ids() == stores["sequential"].client_ids()
+    for cid in stores["sequential"].client_ids():
+        torch.testing.assert_close(stores["vmap"].get(cid), stores["sequential"].get(cid), **tol)
+    for metric in ("train_loss", "test_loss"):  # client.ema.evaluate: the clients' mean EMA is what is tested
+        values = {e: [m[metric] for m in r.history if metric in m] for e, r in runs.items()}
+        assert values["vmap"] == pytest.approx(values["sequential"], rel=1e-5) and values["vmap"]
     assert [m["clients"] for m in got.history] == [m["clients"] for m in want.history]
 
 
@@ -167,7 +179,6 @@ def test_refuses_each_setting_by_name(tmp_path):
         "optimizer:": with_optimizer(partial(torch.optim.RMSprop, lr=0.1)),
         "optimizer.amsgrad:": with_optimizer(partial(torch.optim.Adam, amsgrad=True)),
         "client.amp:": toy_setup([[1.0]], [1.0], amp_dtype=torch.bfloat16),
-        "client.ema.decay:": toy_setup([[1.0]], [1.0], ema=ClientEMA(nn.Linear(1, 1, bias=False), 0.9, False, "raw")),
     }
     for name, setup in settings.items():
         (problem,) = refused(setup)
@@ -184,10 +195,10 @@ def test_refuses_each_setting_by_name(tmp_path):
 
 def test_a_refused_run_is_refused_when_built_with_one_config_error(compose_cfg, tmp_path):
     with pytest.raises(ConfigError) as e:  # before the run directory is written
-        build_algo(compose_cfg, tmp_path / "run", *SMALL, "engine=vmap", "client.ema.decay=0.9", "optimizer=adam",
-                   "+optimizer.amsgrad=true")
+        build_algo(compose_cfg, tmp_path / "run", *SMALL, "engine=vmap", "optimizer=adam", "+optimizer.amsgrad=true",
+                   "+optimizer.maximize=true")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
-    assert [p.split(":")[0] for p in e.value.problems] == ["optimizer.amsgrad", "client.ema.decay"]
+    assert [p.split(":")[0] for p in e.value.problems] == ["optimizer.amsgrad", "optimizer.maximize"]
 
 
 def test_auto_takes_the_sequential_engine_on_a_cpu(compose_cfg, tmp_path):

@@ -20,13 +20,13 @@ class ClientEMA:
         # integer num_batches_tracked would be meaningless. They are taken from the live model.
         device = next(model.parameters()).device  # keeps the step counter there too: no per-step copy
         self.averaged = AveragedModel(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
-        self._params = dict(self.averaged.module.named_parameters())
+        self.params = dict(self.averaged.module.named_parameters())
 
     def begin(self, model: nn.Module, saved: Optional[dict]) -> None:
         """Start the round from the client's persisted EMA, or at the round-start weights."""
         with torch.no_grad():
             if saved is not None:
-                torch._foreach_copy_([p.detach() for p in self._params.values()], [saved[k] for k in self._params])
+                torch._foreach_copy_([p.detach() for p in self.params.values()], [saved[k] for k in self.params])
                 self.averaged.n_averaged.copy_(saved["n_averaged"])
             else:
                 self.averaged.n_averaged.zero_()
@@ -37,10 +37,10 @@ class ClientEMA:
 
     def state(self) -> dict:
         """What persists to the client's next round."""
-        state = {k: p.detach().clone() for k, p in self._params.items()}
+        state = {k: p.detach().clone() for k, p in self.params.items()}
         state["n_averaged"] = self.averaged.n_averaged.clone()
         return state
 
     def weights(self, live_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A full state dict: EMA parameters, the live model's buffers."""
-        return {k: self._params[k].detach() if k in self._params else v for k, v in live_state.items()}
+        return {k: self.params[k].detach() if k in self.params else v for k, v in live_state.items()}

@@ -17,6 +17,7 @@ What it keeps of Client.client_update, and how:
   state_dict format (a run can resume on the sequential engine).
 - penalty(): its gradient from Client.penalty_terms (FedProx, SCAFFOLD, FedDyn), added to the
   loss's before client.grad_clip (the global norm, per client).
+- client.ema: each client's EMA stacked too, AveragedModel's update after each step it takes.
 Results equal the sequential engine's up to float rounding (batched kernels sum in another order);
 tests/test_engine_vmap.py states the tolerance. What it cannot reproduce it refuses once the run is
 built, before anything is written, in one ConfigError (`problems`)."""
@@ -30,6 +31,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from src.client.client import Client, ClientUpdate, TrainSetup
+from src.client.ema import ClientEMA
 from src.engine.base import Chain, Engine, join, only
 from src.engine.sequential import SequentialEngine
 from src.errors import ConfigError
@@ -164,6 +166,33 @@ class StackedAdam:
             weights[i] = _masked(p, q.addcmul(avg / denom, _per_client(neg_step, p)), active)
 
 
+class StackedEMA:
+    """The clients' EMA weights (src/client/ema.py), stacked: AveragedModel's update
+    (ema.lerp_(w, 1 - decay)) after each step a client takes. The run's one ClientEMA holds a
+    client's EMA where the trainer reads and persists it: `load` takes it from there after the
+    client's round began, `dump` puts it back."""
+
+    def __init__(self, ema: ClientEMA, names: list[str], weights: list[torch.Tensor]):
+        self.ema, self.params = ema, [ema.params[n] for n in names]
+        self.stack = [torch.empty_like(w) for w in weights]
+        self.begun: dict[int, torch.Tensor] = {}  # per slot: n_averaged when its round began
+
+    def load(self, k: int) -> None:
+        torch._foreach_copy_([e[k] for e in self.stack], self.params)
+        self.begun[k] = self.ema.averaged.n_averaged.clone()
+
+    def step(self, weights: list[torch.Tensor], active: torch.Tensor) -> None:
+        moved = torch._foreach_lerp(self.stack, weights, 1 - self.ema.decay)
+        self.stack = [_masked(e, m, active) for e, m in zip(self.stack, moved)]
+
+    def dump(self, k: int, steps: Optional[int] = None) -> None:
+        """Slot k's EMA into the ClientEMA; `steps`: the steps it took this round (its n_averaged)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, [e[k] for e in self.stack])
+            if steps is not None:
+                self.ema.averaged.n_averaged.copy_(self.begun[k] + steps)
+
+
 def stacked_optimizer(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor]):
     """The stacked counterpart of a client's torch optimizer, with its hyperparameters."""
     group = optimizer.param_groups[0]
@@ -191,8 +220,6 @@ def problems(setup: TrainSetup, clients: Sequence[Client]) -> list[str]:
     if setup.local_dp is not None:
         found.append(f"local_dp.enabled: DP-SGD clips per-sample gradients of clients trained one by one: "
                      f"use local_dp.enabled=false {fix}")
-    if setup.ema is not None:
-        found.append(f"client.ema.decay: engine=vmap keeps no per-client EMA: use client.ema.decay=null {fix}")
     for m in setup.model.modules():
         if isinstance(m, nn.modules.batchnorm._NormBase):
             found.append(f"model: {type(m).__name__} normalises over the batch, which padding changes, and "
@@ -256,7 +283,8 @@ class VmapEngine(Engine):
         if found:
             raise ConfigError(found)
         adam = isinstance(setup.optimizer([torch.zeros(1, requires_grad=True)]), torch.optim.Adam)
-        self.fits = fitting_width(setup, (2 if adam else 1) + 2)  # optimizer state, penalty anchor and linear term
+        # optimizer state, penalty anchor and linear term, EMA
+        self.fits = fitting_width(setup, (2 if adam else 1) + 2 + (setup.ema is not None))
         if self.width is not None and self.width > self.fits:
             log.warning("engine.width=%d clients do not fit in memory: training %d at a time", self.width, self.fits)
 
@@ -274,20 +302,24 @@ class VmapEngine(Engine):
         live = [setup.live_state[n] for n in setup.param_names]
         for start in range(0, len(chains), width):
             group = chains[start:start + width]
-            weights, updates = self.train_group(setup, group, [send() for _ in group], round_idx, check_stop)
+            weights, ema, updates = self.train_group(setup, group, [send() for _ in group], round_idx, check_stop)
             for k, chain in enumerate(group):
                 torch._foreach_copy_(live, [w[k] for w in weights])  # the update is a view of the live model
+                if ema is not None:
+                    ema.dump(k)  # and of the EMA's
                 update = join(updates[k], chain, merge)
                 for t in transforms:
                     update = t.client(update, chain.sender.client_id, chain.sender.setup.store)
                 yield chain, update
 
     def train_group(self, s: TrainSetup, group: Sequence[Chain], received: list[dict], round_idx: int,
-                    check_stop: Callable[[], None]) -> tuple[list[torch.Tensor], list[list[ClientUpdate]]]:
+                    check_stop: Callable[[], None]
+                    ) -> tuple[list[torch.Tensor], Optional[StackedEMA], list[list[ClientUpdate]]]:
         """Train the chains of `group` together, link j of every chain at stage j; returns their
-        final stacked weights and, per chain, its links' updates (for join)."""
+        final stacked weights and EMA (if on) and, per chain, its links' updates (for join)."""
         live = [s.live_state[n] for n in s.param_names]
         weights = [torch.empty((len(group), *p.shape), dtype=p.dtype, device=p.device) for p in live]
+        ema = StackedEMA(s.ema, s.param_names, weights) if s.ema is not None else None
         updates: list[list[ClientUpdate]] = [[] for _ in group]
         for j in range(max(len(chain.links) for chain in group)):
             check_stop()
@@ -310,21 +342,26 @@ class VmapEngine(Engine):
                         if scheduler is not None:
                             scheduler.step()
                 torch._foreach_copy_([w[k] for w in weights], live)  # the start weights, as begin_round left them
+                if ema is not None:
+                    ema.load(k)
                 started[k] = (client, optimizer, lrs, client.batches(round_idx, stream, steps))
-            loss_sums, seen, opt = self.steps(s, weights, started, len(group))
+            loss_sums, seen, opt = self.steps(s, weights, started, len(group), ema)
             for k, (client, optimizer, lrs, _) in started.items():
                 torch._foreach_copy_(live, [w[k] for w in weights])
+                if ema is not None:
+                    ema.dump(k, len(lrs))
                 client.step_lrs = lrs
                 if lrs:
                     optimizer.state.update(zip(s.params, opt.dump(k)))
                 client.finish_round(optimizer, loss_sums[k], seen[k])
                 updates[k].append(client.send_data())
-        return weights, updates
+        return weights, ema, updates
 
-    def steps(self, s: TrainSetup, weights: list[torch.Tensor], started: dict, width: int):
+    def steps(self, s: TrainSetup, weights: list[torch.Tensor], started: dict, width: int,
+              ema: Optional[StackedEMA] = None):
         """The stage's local steps of the `started` clients (slot k: client, torch optimizer, step
-        sizes, batches); the other slots keep their weights. Returns the loss sums [W], the samples
-        seen per slot and the stacked optimizer (for the state it persists)."""
+        sizes, batches); the other slots keep their weights (and EMA). Returns the loss sums [W], the
+        samples seen per slot and the stacked optimizer (for the state it persists)."""
         device = weights[0].device
         first = next(iter(started.values()))
         opt = stacked_optimizer(first[1], weights)
@@ -367,6 +404,8 @@ class VmapEngine(Engine):
                 factor = (s.grad_clip / (norms + 1e-6)).clamp(max=1.0)
                 grads = [g * _per_client(factor, g) for g in grads]
             opt.step(weights, grads, t, active[t])
+            if ema is not None:
+                ema.step(weights, active[t])
             loss_sums += losses.detach().float() * w.sum(1)
         return loss_sums, seen, opt
 
