@@ -4,13 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 
-import src.hydra_hooks  # noqa: F401  (registers the ${pid:} resolver, as train.py does)
+from tests.inprocess import CONFIG_DIR, compose_config  # noqa: F401  (CONFIG_DIR: for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "config")
 # logger.mode follows WANDB_MODE: tests never log to W&B (nor pay its start-up), whatever the shell sets
 os.environ["WANDB_MODE"] = "disabled"
 
@@ -18,12 +15,7 @@ os.environ["WANDB_MODE"] = "disabled"
 @pytest.fixture
 def compose_cfg():
     """Compose the project's config with overrides, as train.py would (without running it)."""
-    def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)  # so that ${hydra:...} interpolations resolve
-        return cfg
-    return _compose
+    return compose_config
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
-from omegaconf import open_dict
+from omegaconf import DictConfig, open_dict
 
+import src.hydra_hooks  # noqa: F401  (registers the ${pid:} resolver, as train.py does)
 from src.algo.base import TrainingInterrupted
 from src.config import validate
 from src.utils.io import load_torch
@@ -16,6 +19,17 @@ from src.utils.io import load_torch
 SMALL = ["dataset=synthetic", "model=mlp", "clients.total=6", "dataset.max_device_size=60",
          "clients.per_round=0.5", "optimizer.lr=0.05", "num_rounds=4", "eval_every=2", "device=cpu",
          "client.batch_size=50", "client.local_epochs=1"]
+
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "config")
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The project's config with overrides, as train.py composes it (without running it)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so that ${hydra:...} interpolations resolve
+    return cfg
 
 
 def as_shared(overrides: list[str]) -> dict:
