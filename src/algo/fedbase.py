@@ -366,6 +366,7 @@ class FedBase(Algo):
     def load_state_dict(self, state: dict) -> None:
         """Everything is checked and loaded in memory before the run directory is written."""
         self.checkpoint.load(state, checked=state is self._checked_state)
+        self._checked_state = None
         self.round = state["round"]
 
     def start(self, state: Optional[dict]) -> None:

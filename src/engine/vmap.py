@@ -181,7 +181,11 @@ class StackedEMA:
         torch._foreach_copy_([e[k] for e in self.stack], self.params)
         self.begun[k] = self.ema.averaged.n_averaged.clone()
 
-    def step(self, weights: list[torch.Tensor], active: torch.Tensor) -> None:
+    def step(self, weights: list[torch.Tensor], active: Optional[torch.Tensor]) -> None:
+        """`active`: the slots that took the step; None: all of them (in place, no copies)."""
+        if active is None:
+            torch._foreach_lerp_(self.stack, weights, 1 - self.ema.decay)
+            return
         moved = torch._foreach_lerp(self.stack, weights, 1 - self.ema.decay)
         self.stack = [_masked(e, m, active) for e, m in zip(self.stack, moved)]
 
@@ -405,7 +409,7 @@ class VmapEngine(Engine):
                 grads = [g * _per_client(factor, g) for g in grads]
             opt.step(weights, grads, t, active[t])
             if ema is not None:
-                ema.step(weights, active[t])
+                ema.step(weights, None if opt.full[t] else active[t])
             loss_sums += losses.detach().float() * w.sum(1)
         return loss_sums, seen, opt
 
